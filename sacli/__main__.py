@@ -1,0 +1,3 @@
+from sacli.cli import main
+
+main()
