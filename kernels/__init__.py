@@ -1,0 +1,1 @@
+"""SampleAttention kernels: Triton on CUDA, PyTorch reference elsewhere."""

@@ -1,0 +1,1 @@
+"""Model loading, pulling and Hugging Face attention integration."""
