@@ -8,10 +8,14 @@ query row i attends to key j (j <= i) when
 
 The two parts are disjoint by construction, so no key is counted twice. A head with
 window >= S is dense (exact causal attention).
+
+Also here, because every backend shares them: `fraction_to_tokens`, `sample_rows` (which query
+rows stage 1 samples) and `select_columns` (stage 2, turning column scores into a Selection).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +69,87 @@ def selection_mask(sel: Selection) -> torch.Tensor:
     colmark = colmark[..., :S]
     cols = colmark[..., None, :] & (j <= i - w)
     return band | cols
+
+
+def fraction_to_tokens(fraction: float, seq_len: int) -> int:
+    """ceil(fraction * seq_len), clamped to [1, seq_len].
+
+    The product is rounded to 6 decimals first so that float noise (0.07 * 100 ==
+    7.000000000000001) does not add a token.
+    """
+    assert seq_len >= 1, f"seq_len must be >= 1, got {seq_len}"
+    assert fraction > 0, f"fraction must be > 0, got {fraction}"
+    return max(1, min(seq_len, math.ceil(round(fraction * seq_len, 6))))
+
+
+def sample_rows(seq_len: int, sample_ratio: float, block: int = 64) -> torch.Tensor:
+    """Query rows sampled by stage 1: (R,) int64, sorted, unique, on the CPU.
+
+    R = ceil(sample_ratio * seq_len) rounded up to whole blocks of `block` consecutive rows,
+    clamped to seq_len (then every row is sampled). The blocks are spread evenly over the
+    sequence, the first starting at row 0 and the last ending at row seq_len - 1: the tail rows
+    see the most keys, so they are always part of the sample. Deterministic.
+    """
+    assert seq_len >= 1, f"seq_len must be >= 1, got {seq_len}"
+    assert 0 < sample_ratio <= 1, f"sample_ratio must be in (0, 1], got {sample_ratio}"
+    assert block >= 1, f"block must be >= 1, got {block}"
+    n = fraction_to_tokens(sample_ratio, seq_len)
+    n = -(-n // block) * block
+    if n >= seq_len:
+        return torch.arange(seq_len, dtype=torch.int64)
+    nblocks = n // block
+    if nblocks == 1:
+        starts = torch.tensor([seq_len - block], dtype=torch.int64)
+    else:
+        # Spacing (S - block) / (nblocks - 1) >= block because nblocks * block <= S, and flooring
+        # keeps consecutive starts at least floor(spacing) apart: blocks never overlap.
+        starts = torch.arange(nblocks, dtype=torch.int64) * (seq_len - block) // (nblocks - 1)
+    return (starts[:, None] + torch.arange(block, dtype=torch.int64)).reshape(-1)
+
+
+def select_columns(
+    scores: torch.Tensor, window_mass: torch.Tensor, alpha: float, window_tokens: int, seq_len: int
+) -> Selection:
+    """Stage 2: per head, the fewest key columns whose score reaches the attention threshold.
+
+    scores:      (B, Hq, S) float, mean attention the sampled rows give each key column outside
+                 their window band (from `column_scores`); non-negative.
+    window_mass: (B, Hq, R) float, attention mass inside each sampled row's band.
+    alpha:       cumulative-attention threshold.
+    window_tokens: band width in tokens (>= 1); heads get window = min(window_tokens, S).
+
+    Per (b, h), columns are taken by descending score (ties: lower index first) until
+    mean(window_mass) + sum(scores[taken]) >= alpha. No column is taken when the window alone
+    reaches alpha. Columns with zero score are never taken, nor are columns j >= S - window,
+    which lie inside every row's band; if alpha is out of reach every remaining column is taken.
+    Returns a Selection whose cols (B, Hq, C) int32 are ascending and padded with S, where C is
+    the largest count over heads (possibly 0).
+    """
+    assert scores.dim() == 3, f"scores must be (B, Hq, S), got shape {tuple(scores.shape)}"
+    B, H, S = scores.shape
+    assert S == seq_len, f"scores cover {S} columns but seq_len is {seq_len}"
+    assert window_mass.dim() == 3 and window_mass.shape[:2] == (B, H), (
+        f"window_mass must be (B, Hq, R) = ({B}, {H}, R), got {tuple(window_mass.shape)}"
+    )
+    assert window_mass.shape[2] >= 1, "window_mass needs at least one sampled row"
+    assert window_tokens >= 1, f"window_tokens must be >= 1, got {window_tokens}"
+    dev = scores.device
+    w = min(window_tokens, S)
+    window = torch.full((B, H), w, dtype=torch.int32, device=dev)
+
+    # float64 so the running sum does not drift over long rows of tiny scores.
+    s = scores.to(torch.float64, copy=True)
+    s[..., S - w :] = 0
+    need = alpha - window_mass.to(torch.float64).mean(-1)  # (B, H)
+    ranked, order = torch.sort(s, dim=-1, descending=True, stable=True)
+    reached = ranked.cumsum(-1)
+    # First position where the running sum reaches `need`; +1 turns it into a count.
+    count = torch.searchsorted(reached, need[..., None].contiguous(), side="left")[..., 0] + 1
+    count = torch.minimum(count, (s > 0).sum(-1))
+    count = torch.where(need <= 0, torch.zeros_like(count), count)
+
+    C = int(count.max()) if count.numel() else 0
+    taken = order[..., :C]
+    valid = torch.arange(C, device=dev) < count[..., None]
+    cols = torch.where(valid, taken, torch.full_like(taken, S)).sort(-1).values
+    return Selection(window=window, cols=cols.to(torch.int32), ncols=count.to(torch.int32), seq_len=S)

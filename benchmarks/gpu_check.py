@@ -1,0 +1,236 @@
+"""GPU correctness check and launch-config comparison of the Triton SampleAttention kernels.
+
+Run on a CUDA machine (benchmarks/gpu_run.sh does): `python benchmarks/gpu_check.py OUT.json`.
+
+1. Correctness at moderate shapes (GQA, both head dims, odd lengths, batch 2) for every launch
+   config: the sparse kernel against float64 masked attention, bounded by twice PyTorch's own
+   bf16 error; stage 1 against the float64 definition, bounded by twice the float32 reference's.
+2. Timing of each launch config on the 8B-class shape (32 query heads, 8 KV heads, hd 128)
+   at the given lengths: sparse kernel at several densities, the two stage-1 passes.
+Exits non-zero if any correctness check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import torch
+import triton
+
+from sacli.bench import environment, synthetic_selection, time_ms
+from sacli.kernels import reference
+from sacli.kernels.selection import Selection, fraction_to_tokens, sample_rows, selection_mask
+from sacli.kernels import triton_sampling as ts
+from sacli.kernels import triton_sparse as tsp
+
+DEV = torch.device("cuda")
+SPARSE_CONFIGS = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tsp._CONFIGS]
+SAMPLING_CONFIGS = [
+    {},
+    {"pipe1": 1, "pipe2": 1},
+    {"pipe1": 1, "pipe2": 1, "warps2": 8},
+    {"pipe1": 1, "keys_per_tile": 64, "pipe2": 1, "stages2": 2},
+    {"pipe1": 1, "warps1": 8, "pipe2": 1, "rows_per_step": 32},
+]
+
+
+def masked_attention(q, k, v, mask, scale, dtype, chunk=8):
+    """Dense masked attention in `dtype`, a few heads at a time to bound memory."""
+    G = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    for h0 in range(0, q.shape[1], chunk):
+        hs = slice(h0, h0 + chunk)
+        kh = k.repeat_interleave(G, dim=1)[:, hs].to(dtype)
+        vh = v.repeat_interleave(G, dim=1)[:, hs].to(dtype)
+        logits = torch.matmul(q[:, hs].to(dtype), kh.transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~mask[:, hs], float("-inf"))
+        out[:, hs] = torch.matmul(torch.softmax(logits, dim=-1), vh)
+    return out
+
+
+def random_selection(B, H, S, seed):
+    g = torch.Generator().manual_seed(seed)
+    C = S // 8
+    win = torch.randint(1, S // 4, (B, H), generator=g)
+    win[0, 0] = S  # one dense head
+    cols = torch.full((B, H, C), S, dtype=torch.int32)
+    ncols = torch.zeros(B, H, dtype=torch.int32)
+    for b in range(B):
+        for h in range(H):
+            n = int(torch.randint(0, C + 1, (1,), generator=g))
+            cols[b, h, :n] = torch.randperm(S, generator=g)[:n].sort().values.to(torch.int32)
+            ncols[b, h] = n
+    return Selection(win.to(torch.int32).to(DEV), cols.to(DEV), ncols.to(DEV), S)
+
+
+def check_sparse(case, config):
+    B, Hq, Hkv, S, D = case
+    g = torch.Generator(device=DEV).manual_seed(S * D + Hq)
+    q = torch.randn(B, Hq, S, D, device=DEV, generator=g).to(torch.bfloat16)
+    k = torch.randn(B, Hkv, S, D, device=DEV, generator=g).to(torch.bfloat16)
+    v = torch.randn(B, Hkv, S, D, device=DEV, generator=g).to(torch.bfloat16)
+    sel = random_selection(B, Hq, S, seed=S)
+    mask = selection_mask(sel)
+    scale = D**-0.5
+    out = torch.full_like(q, float("nan"))
+    tsp.sparse_attention_triton(q, k, v, sel, scale, out=out, config=config)
+    ref = masked_attention(q, k, v, mask, scale, torch.float64)
+    torch_err = (masked_attention(q, k, v, mask, scale, torch.bfloat16).double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    ok = bool(not torch.isnan(out).any()) and err <= 2 * torch_err + 1e-5
+    return {"case": case, "config": config, "err": err, "torch_bf16_err": torch_err, "ok": ok}
+
+
+def check_sampling(case, config):
+    B, Hq, Hkv, S, D, ratio, wfrac = case
+    g = torch.Generator(device=DEV).manual_seed(S + D)
+    q = (torch.randn(B, Hq, S, D, device=DEV, generator=g) * 2).to(torch.bfloat16)
+    k = torch.randn(B, Hkv, S, D, device=DEV, generator=g).to(torch.bfloat16)
+    rows = sample_rows(S, ratio).to(DEV)
+    w = fraction_to_tokens(wfrac, S)
+    scale = D**-0.5
+    R = rows.numel()
+    out = (torch.full((B, Hq, S), float("nan"), device=DEV), torch.full((B, Hq, R), float("nan"), device=DEV))
+    scores, mass = ts.column_scores_triton(q, k, rows, w, scale, out=out, config=config)
+    ref_s, ref_m = reference.column_scores(q, k, rows, w, scale)
+    G = Hq // Hkv
+    kk = k.double().repeat_interleave(G, dim=1)
+    logits = torch.matmul(q.double()[:, :, rows], kk.transpose(-1, -2)) * scale
+    j = torch.arange(S, device=DEV)
+    p = torch.softmax(logits.masked_fill(j > rows[:, None], float("-inf")), dim=-1)
+    before = j <= rows[:, None] - w
+    ex_s, ex_m = (p * before).sum(2) / R, (p * ~before).sum(-1)
+    res = {"case": case, "config": config, "ok": True}
+    for name, got, ref, ex in (("scores", scores, ref_s, ex_s), ("mass", mass, ref_m, ex_m)):
+        terr = (ref.double() - ex).abs().max().item()
+        err = (got.double() - ex).abs().max().item()
+        res[f"{name}_err"], res[f"{name}_torch_err"] = err, terr
+        res["ok"] &= bool(not torch.isnan(got).any()) and err <= 2 * terr + 1e-6
+    return res
+
+
+def time_sampling_passes(q, k, rows, w, scale, cfg):
+    """Milliseconds of pass 1 and pass 2 separately, launching the kernels directly."""
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    c = {**ts.DEFAULT_CONFIG, **cfg}
+    R = rows.numel()
+    rows32 = rows.to(torch.int32)
+    bias = torch.empty(B, Hq, R, device=DEV)
+    mass = torch.empty(B, Hq, R, device=DEV)
+    scores = torch.empty(B, Hq, S, device=DEV)
+    qk_scale = scale * 1.4426950408889634
+    n_chunk = triton.cdiv(R, c["rows_per_program"])
+    upcast, prec = False, "tf32"
+    sb = max(S - 1, 1).bit_length()
+
+    def p1():
+        ts._row_stats[(B * Hq, n_chunk)](
+            q, k, rows32, bias, mass, qk_scale, S, R, w, Hq, Hq // Hkv, n_chunk,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sb,
+            HEAD_DIM=D, BLOCK_R=c["rows_per_program"], BLOCK_N=c["keys_per_tile"], UPCAST=upcast, PREC=prec,
+            PIPE=bool(c["pipe1"]), num_warps=c["warps1"], num_stages=c["stages1"])
+
+    bn = c["cols_per_program"]
+    n_cblk = triton.cdiv(S, bn)
+    j0 = torch.arange(n_cblk, device=DEV, dtype=torch.int32) * bn
+    first = torch.searchsorted(rows32, torch.stack((j0 + w, j0 + bn - 1 + w), -1).reshape(-1).contiguous()).to(torch.int32)
+
+    def p2():
+        ts._col_scores[(B * Hq, n_cblk)](
+            q, k, rows32, bias, first, scores, qk_scale, 1.0 / R, S, R, w, Hq, Hq // Hkv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sb,
+            HEAD_DIM=D, BLOCK_N=bn, BLOCK_R=c["rows_per_step"], UPCAST=upcast, PREC=prec,
+            PIPE=bool(c["pipe2"]), num_warps=c["warps2"], num_stages=c["stages2"])
+
+    return time_ms(p1), time_ms(p2)
+
+
+def main(path: str, lengths: list[int]) -> int:
+    """Correctness for every config, then timings at `lengths` (none: correctness with the
+    autotuned configs only, a quick re-check after a change)."""
+    light = not lengths
+    report: dict = {"env": environment(sys.argv), "sparse_checks": [], "sampling_checks": [], "timing": []}
+    failures = 0
+
+    def save() -> None:
+        report["failures"] = failures
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=1, default=str)
+
+    # Odd shapes with the autotuned config; every config on the benchmark's own specialisation
+    # (multiples of 16, 32/8 heads) so the timing below reuses those compilations.
+    sparse_runs = [((1, 8, 2, 4099, 128), None), ((2, 9, 3, 2000, 64), None)]
+    sparse_runs += [((1, 32, 8, 4096, 128), cfg) for cfg in [None] + ([] if light else SPARSE_CONFIGS)]
+    for case, cfg in sparse_runs:
+        try:
+            r = check_sparse(case, cfg)
+        except Exception:
+            r = {"case": case, "config": cfg, "ok": False, "error": traceback.format_exc()[-800:]}
+        failures += not r["ok"]
+        report["sparse_checks"].append(r)
+        print("sparse", r, flush=True)
+    sampling_runs = [((1, 8, 2, 4099, 128, 0.05, 0.05), None), ((2, 9, 3, 3000, 64, 0.1, 0.02), None)]
+    sampling_runs += [((1, 32, 8, 8192, 128, 0.05, 0.05), cfg) for cfg in [None] + ([] if light else SAMPLING_CONFIGS)]
+    for case, cfg in sampling_runs:
+        try:
+            r = check_sampling(case, cfg)
+        except Exception:
+            r = {"case": case, "config": cfg, "ok": False, "error": traceback.format_exc()[-800:]}
+        failures += not r["ok"]
+        report["sampling_checks"].append(r)
+        print("sampling", r, flush=True)
+    save()
+
+    for S in lengths:
+        g = torch.Generator(device=DEV).manual_seed(S)
+        q = torch.randn(1, 32, S, 128, device=DEV, generator=g).to(torch.bfloat16)
+        k = torch.randn(1, 8, S, 128, device=DEV, generator=g).to(torch.bfloat16)
+        v = torch.randn(1, 8, S, 128, device=DEV, generator=g).to(torch.bfloat16)
+        scale = 128**-0.5
+        rows = sample_rows(S, 0.05).to(DEV)
+        w = fraction_to_tokens(0.05, S)
+        try:
+            ms = time_ms(lambda: ts.column_scores_triton(q, k, rows, w, scale))
+            entry = {"kind": "sampling_autotuned", "S": S, "total_ms": ms,
+                     "pass1": str(getattr(ts._row_stats_tuned, "best_config", None)),
+                     "pass2": str(getattr(ts._col_scores_tuned, "best_config", None))}
+        except Exception:
+            entry = {"kind": "sampling_autotuned", "S": S, "error": traceback.format_exc()[-800:]}
+        report["timing"].append(entry)
+        print(entry, flush=True)
+        for cfg in SAMPLING_CONFIGS:
+            try:
+                t1, t2 = time_sampling_passes(q, k, rows, w, scale, cfg)
+                entry = {"kind": "sampling", "S": S, "config": cfg, "pass1_ms": t1, "pass2_ms": t2, "total_ms": t1 + t2}
+            except Exception:
+                entry = {"kind": "sampling", "S": S, "config": cfg, "error": traceback.format_exc()[-800:]}
+            report["timing"].append(entry)
+            print(entry, flush=True)
+        for dens in (0.1, 0.4):
+            sel = synthetic_selection(1, 32, S, density=dens, device=DEV, seed=S)
+            kept = float(sel.kept_entries().sum())
+            for cfg in [None] + SPARSE_CONFIGS:
+                try:
+                    ms = time_ms(lambda: tsp.sparse_attention_triton(q, k, v, sel, scale, config=cfg))
+                    entry = {"kind": "sparse", "S": S, "density": kept / (32 * S * (S + 1) / 2), "config": cfg,
+                             "ms": ms, "tflops": 4 * 128 * kept / ms / 1e9}
+                except Exception:
+                    entry = {"kind": "sparse", "S": S, "density": dens, "config": cfg, "error": traceback.format_exc()[-800:]}
+                report["timing"].append(entry)
+                print(entry, flush=True)
+            save()
+        best = getattr(tsp._sparse_attn_fwd_tuned, "best_config", None)
+        report.setdefault("autotuned", {})[S] = str(best)
+        del q, k, v
+        torch.cuda.empty_cache()
+    save()
+    print(f"correctness failures: {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    spec = sys.argv[2] if len(sys.argv) > 2 else "32768,131072"
+    sys.exit(main(sys.argv[1], [int(x) for x in spec.split(",") if x.strip() and x != "none"]))

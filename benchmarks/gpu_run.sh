@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs the GPU checks and benchmarks on a CUDA machine, from the repository root:
+#   OUT=results_dir bash benchmarks/gpu_run.sh STAGE...
+# Stages (in the order given):
+#   install     pip-install the carried wheels (.whl/) and this package (editable, no deps)
+#   check       benchmarks/gpu_check.py: kernel correctness on the GPU + launch-config timings
+#   synthetic   sacli bench attention --workload synthetic (8B-class shape, fixed densities)
+#   stash       copy .model_a/part.aa to /tmp (the model travels in two calls of < 64 MiB)
+#   assemble    /tmp/part.aa + .model_b/part.ab -> /tmp/model.gguf
+#   pull        sacli pull /tmp/model.gguf (imports the default model)
+#   model       sacli bench attention --workload model on $BENCH_TEXT
+#   ttft        sacli bench ttft (default model) on $BENCH_TEXT
+#   projection  sacli bench ttft --shape llama-8b with the densities measured by `model`
+# Environment: OUT (results), LENGTHS (default 8K..128K), BENCH_TEXT (a long book),
+# FLEX_LENGTHS (lengths at which FlexAttention is timed; default all).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+: "${OUT:?set OUT to the results directory}"
+LENGTHS="${LENGTHS:-8192,16384,32768,65536,131072}"
+BENCH_TEXT="${BENCH_TEXT:-.dev/bench_data/moby_dick_2701.txt}"
+export SACLI_HOME="${SACLI_HOME:-/tmp/sacli_home}"
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+status=0
+run() { echo "+ $*" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=$rc; return "$rc"; }
+
+for stage in "$@"; do
+  case "$stage" in
+    install)
+      run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl
+      run python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+      run nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv ;;
+    check)
+      # a correctness failure stops the run: no benchmark numbers from a wrong kernel
+      run python3 benchmarks/gpu_check.py "$OUT/gpu_check.json" "${CHECK_LENGTHS:-32768,131072}" || exit 1 ;;
+    stash)
+      # first half of the model: copied to /tmp for the next call on the same (warm) machine
+      run cp .model_a/part.aa /tmp/part.aa ;;
+    assemble)
+      run bash -c 'cat /tmp/part.aa .model_b/part.ab > /tmp/model.gguf && sha256sum /tmp/model.gguf' || exit 1 ;;
+    synthetic)
+      run python3 -m sacli.bench attention --workload synthetic --lengths "$LENGTHS" \
+        ${FLEX_LENGTHS:+--flex-lengths "$FLEX_LENGTHS"} --out "$OUT/attention_synthetic.json" ;;
+    pull)
+      run python3 -m sacli pull /tmp/model.gguf ;;
+    model)
+      run python3 -m sacli.bench attention --workload model --text "$BENCH_TEXT" --lengths "$LENGTHS" \
+        --no-flex --out "$OUT/attention_model.json" ;;
+    ttft)
+      run python3 -m sacli.bench ttft --text "$BENCH_TEXT" --lengths "$LENGTHS" --out "$OUT/ttft_default.json" ;;
+    projection)
+      run python3 -m sacli.bench ttft --shape llama-8b --lengths "${PROJ_LENGTHS:-$LENGTHS}" --repeats 2 \
+        --densities-from "$OUT/attention_model.json" --out "$OUT/ttft_llama8b.json" ;;
+    *) echo "unknown stage $stage" | tee -a "$LOG"; status=2 ;;
+  esac
+done
+exit "$status"

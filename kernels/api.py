@@ -1,0 +1,89 @@
+"""SampleAttention prefill: the three stages composed, with per-head statistics.
+
+1. `column_scores`: exact attention of a sample of query rows (`sample_rows`), accumulated per
+   key column outside each row's local window band.
+2. `select_columns`: per head, the fewest columns reaching the cumulative threshold alpha.
+3. `sparse_attention`: exact softmax over the window band plus the selected columns.
+
+Stages 1 and 3 run on the backend chosen by `backend.choose_backend`; stage 2 is PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import backend as _backend
+from .reference import check_qkv, dense_attention
+from .selection import Selection, fraction_to_tokens, sample_rows, select_columns
+
+
+@dataclass
+class AttentionStats:
+    """What one attention call did.
+
+    routed: "sparse" (SampleAttention), "dense_short" (sequence below the dense threshold) or
+            "dense" (exact attention chosen by the caller).
+    density: (B, Hq) float32, kept causal entries / all causal entries (1.0 when dense).
+    selection: the Selection used by the sparse path, None otherwise.
+    """
+
+    routed: str
+    density: torch.Tensor
+    selection: Selection | None = None
+
+    @property
+    def mean_density(self) -> float:
+        """Density averaged over batch and heads."""
+        return float(self.density.float().mean())
+
+    @classmethod
+    def dense(cls, q: torch.Tensor, routed: str = "dense") -> AttentionStats:
+        """Stats of exact attention for q (B, Hq, S, D): density 1 everywhere."""
+        return cls(routed=routed, density=torch.ones(q.shape[:2], dtype=torch.float32, device=q.device))
+
+
+def sample_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    alpha: float,
+    window: float,
+    sample_ratio: float,
+    scale: float | None = None,
+    dense_below: int = 0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Causal SampleAttention for a prefill.
+
+    q: (B, Hq, S, D); k, v: (B, Hkv, S, D); same dtype and device, Hq % Hkv == 0.
+    alpha: cumulative-attention threshold in [0, 1] for the column selection.
+    window: local window as a fraction of S, in (0, 1]; window tokens = ceil(window * S).
+    sample_ratio: fraction of query rows sampled for stage 1, in (0, 1].
+    scale: softmax scale, default 1/sqrt(D).
+    dense_below: sequences shorter than this use exact attention (routed "dense_short").
+    backend: "torch", "triton", "auto" or None (see kernels/backend.py).
+    Returns out (B, Hq, S, D) in q's dtype, and AttentionStats.
+    """
+    _, _, _, S, D = check_qkv(q, k, v)
+    assert q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
+    assert 0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {alpha}"
+    assert 0.0 < window <= 1.0, f"window must be in (0, 1], got {window}"
+    assert 0.0 < sample_ratio <= 1.0, f"sample_ratio must be in (0, 1], got {sample_ratio}"
+    assert dense_below >= 0, f"dense_below must be >= 0, got {dense_below}"
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+
+    if S < dense_below:
+        return dense_attention(q, k, v, scale), AttentionStats.dense(q, routed="dense_short")
+
+    window_tokens = fraction_to_tokens(window, S)
+    rows = sample_rows(S, sample_ratio).to(q.device)
+    scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=backend)
+    sel = select_columns(scores, window_mass, alpha, window_tokens, S)
+    out = _backend.sparse_attention(q, k, v, sel, scale, backend=backend)
+    density = sel.density().to(torch.float32)
+    return out, AttentionStats(routed="sparse", density=density, selection=sel)

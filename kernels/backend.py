@@ -1,0 +1,101 @@
+"""Which implementation runs stage 1 and stage 3: Triton kernels or the PyTorch reference.
+
+Order of precedence, decided on every call:
+1. the `backend` argument ("torch", "triton" or "auto"),
+2. the environment variable SACLI_KERNEL_BACKEND (same values), read at call time so tests
+   can switch paths with monkeypatch,
+3. auto: Triton when every tensor is on CUDA and `triton` imports, the reference otherwise.
+
+Asking for "triton" explicitly also works on CPU tensors under TRITON_INTERPRET=1, which is
+how tests compare the two paths without a GPU. The Triton modules are imported only when
+chosen, so this module (and the package) import without Triton installed.
+Stage 2 (`select_columns`) is plain PyTorch on every backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Any, Callable
+
+import torch
+
+from . import reference
+from .selection import Selection
+
+ENV_VAR = "SACLI_KERNEL_BACKEND"
+BACKENDS = ("torch", "triton")
+
+
+class KernelBackendError(RuntimeError):
+    """The requested kernel backend is unknown or cannot be loaded."""
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when `import triton` succeeds (checked once per process)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
+    """Resolve the backend for a call on `tensors`: "torch" or "triton"."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "")
+    name = name.strip().lower() or "auto"
+    if name == "auto":
+        if tensors and all(t.is_cuda for t in tensors) and triton_available():
+            return "triton"
+        return "torch"
+    if name not in BACKENDS:
+        source = "backend argument" if backend is not None else f"${ENV_VAR}"
+        raise KernelBackendError(
+            f"unknown kernel backend {name!r} from {source}; expected torch, triton or auto"
+        )
+    return name
+
+
+def _triton_function(module: str, function: str) -> Callable[..., Any]:
+    try:
+        mod = importlib.import_module(f"sacli.kernels.{module}")
+    except ImportError as exc:
+        raise KernelBackendError(
+            f"kernel backend 'triton' was requested but sacli.kernels.{module} cannot be imported: {exc}"
+        ) from exc
+    try:
+        return getattr(mod, function)
+    except AttributeError:
+        raise KernelBackendError(f"sacli.kernels.{module} has no {function}()") from None
+
+
+def column_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor,
+    window_tokens: int,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 on the chosen backend; shapes and semantics as `reference.column_scores`."""
+    if choose_backend(backend, q, k) == "triton":
+        return _triton_function("triton_sampling", "column_scores_triton")(q, k, rows, window_tokens, scale)
+    return reference.column_scores(q, k, rows, window_tokens, scale)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: Selection,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Stage 3 on the chosen backend; shapes and semantics as `reference.sparse_attention`."""
+    if choose_backend(backend, q, k, v) == "triton":
+        return _triton_function("triton_sparse", "sparse_attention_triton")(q, k, v, sel, scale)
+    return reference.sparse_attention(q, k, v, sel, scale)

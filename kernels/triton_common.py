@@ -1,0 +1,88 @@
+"""Helpers shared by the Triton launchers: interpreter detection, dtype and layout checks.
+
+Imported only by the Triton kernel modules (which the backend imports lazily), so `triton`
+is required here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+# Head sizes the kernels are built and tested for (tl.arange needs a power of two).
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def interpreter_compat() -> None:
+    """Let Triton 3.6's CPU interpreter run loops with tensor bounds under numpy >= 2.4.
+
+    The interpreter turns a scalar into a loop bound with int() of a 1-element array, which
+    numpy 2.4 rejects (triton-lang/triton#9171, fixed upstream after 3.6). Called by the
+    launchers only while interpreting; idempotent; the compiled GPU path is untouched.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_sacli_compat", False):
+        return
+
+    def patched(tensor, scope):  # type: ignore[no-untyped-def]
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sacli_compat = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION) constexprs for a kernel reading `dtype` operands.
+
+    UPCAST: the interpreter multiplies bf16 tiles as raw uint16 words, so there the kernels
+    convert operands to float32 before tl.dot; products of bf16/fp16 values are exact in float32,
+    so this changes only the summation order, not the math the GPU does.
+    DOT_PRECISION: float32 inputs use full-precision products ("ieee") rather than TF32.
+    """
+    upcast = interpreting() and dtype != torch.float32
+    precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    return upcast, precision
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Tensors must live on CUDA, or on the CPU while the interpreter runs."""
+    for t in tensors:
+        assert t.is_cuda or (interpreting() and t.device.type == "cpu"), (
+            f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors), got {t.device}"
+        )
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
+    """Validate q (B, Hq, S, D), k/v (B, Hkv, S, D); returns (B, Hq, Hkv, S, D)."""
+    assert q.dim() == 4 and k.dim() == 4, f"q, k must be 4-D, got {tuple(q.shape)} and {tuple(k.shape)}"
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    assert k.shape[0] == B and k.shape[2] == S and k.shape[3] == D, (
+        f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in B, S or D"
+    )
+    assert Hkv >= 1 and Hq % Hkv == 0, f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})"
+    assert D in HEAD_DIMS, f"head_dim must be one of {HEAD_DIMS}, got {D}"
+    assert q.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {q.dtype}"
+    assert k.dtype == q.dtype, f"q and k dtypes differ: {q.dtype} vs {k.dtype}"
+    assert S >= 1 and B >= 1, f"empty input: B={B}, S={S}"
+    if v is not None:
+        assert v.shape == k.shape, f"v {tuple(v.shape)} must equal k {tuple(k.shape)}"
+        assert v.dtype == q.dtype, f"q and v dtypes differ: {q.dtype} vs {v.dtype}"
+        check_device(q, k, v)
+    else:
+        check_device(q, k)
+    return B, Hq, Hkv, S, D
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows by strides but read each row as one contiguous vector."""
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -1,0 +1,276 @@
+"""Stage 3 in Triton: exact attention over a Selection (window band + gathered key columns).
+
+One program owns a block of BLOCK_M query rows of one (batch, query head) and runs an online
+softmax (FlashAttention style: fp32 max/sum/accumulator, bf16/fp16 matrix products) over
+
+(a) the head's selected columns that precede the block's band, gathered by index from K/V in
+    BLOCK_N-row tiles: columns <= m0 - w are visible to every row and run unmasked; the few
+    between m0 - w and m1 - 1 - w get the per-row mask j <= i - w;
+(b) the contiguous band [m0 - w + 1, m1) with the mask i - w < j <= i applied only on the tiles
+    that cross one of its two edges.
+
+Every kept key is visited exactly once and no unkept key is read: the two parts are disjoint
+by the Selection's definition. GQA reads K/V of head h // (Hq // Hkv) directly. Programs run
+heaviest first (last query blocks first) so the tail of the grid is short.
+
+Limits: head_dim 64 or 128; q/k/v of one dtype (bf16, fp16, or fp32 with full-precision
+products); any length and batch. Tested against the PyTorch reference under TRITON_INTERPRET=1
+at tiny shapes; the GPU paths (autotuned configs, software pipelining) are checked by
+benchmarks/gpu_check.py on the device, not by CI.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .selection import Selection
+from .triton_common import check_qkv, dot_flags, interpreter_compat, interpreting, last_dim_contiguous
+
+# Query rows per program. Fixed (not tuned) because the launcher precomputes, per query block,
+# how many selected columns precede the block's band; 128 rows fill a Hopper warpgroup MMA twice.
+BLOCK_M = 128
+# Small tiles under the interpreter, so tiny test shapes still cross several tiles and edges.
+_INTERPRET_BLOCK_M = 32
+_INTERPRET_BLOCK_N = 16
+
+
+@triton.jit
+def _qk(q, k, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Logits q [BLOCK_M, D] @ k [BLOCK_N, D]^T in float32."""
+    if UPCAST:
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PREC)
+    return tl.dot(q, tl.trans(k), input_precision=PREC)
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Online-softmax update with the logits of one tile and its [BLOCK_N, D] values."""
+    # m_i starts finite, so a fully masked row keeps alpha = 1 and p = 0 (no NaN).
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    pv = p.to(v.dtype)
+    if UPCAST:
+        acc = tl.dot(pv.to(tl.float32), v.to(tl.float32), acc, input_precision=PREC)
+    else:
+        acc = tl.dot(pv, v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask,
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N, D] key/value tile."""
+    qk = _qk(q, k, UPCAST, PREC)
+    if MASKED:
+        qk = tl.where(mask, qk, float("-inf"))
+    return _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, UPCAST, PREC)
+
+
+@triton.jit(do_not_specialize=["S_BUCKET"])
+def _sparse_attn_fwd(
+    Q, K, V, O, WIN, COLS, CNT,
+    qk_scale, S, H_Q, GROUP, N_MBLK,
+    s_qb, s_qh, s_qs,
+    s_kb, s_kh, s_ks,
+    s_vb, s_vh, s_vs,
+    s_ob, s_oh, s_os,
+    s_cb, s_ch,
+    S_BUCKET,  # unused in the body: the autotuner's length key
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    mblk = N_MBLK - 1 - tl.program_id(1)  # heaviest (last) query blocks first
+    b = bh // H_Q
+    h = bh % H_Q
+    hk = h // GROUP
+    m0 = mblk * BLOCK_M
+    m1 = m0 + BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+    row_ok = offs_m < S
+    q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    w = tl.load(WIN + bh)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # (a) selected columns before the band: cnt[0] of them are <= m0 - w (seen by every row),
+    # cnt[1] <= m1 - 1 - w (seen by at least the last row).
+    n_all = tl.load(CNT + (bh * N_MBLK + mblk) * 2)
+    n_any = tl.load(CNT + (bh * N_MBLK + mblk) * 2 + 1)
+    c_base = COLS + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
+    n_all_tiles = (n_all // BLOCK_N) * BLOCK_N
+    for start in range(0, n_all_tiles, BLOCK_N):
+        idx = tl.load(c_base + start + offs_n)
+        k = tl.load(k_base + idx[:, None] * s_ks + offs_d[None, :])
+        v = tl.load(v_base + idx[:, None] * s_vs + offs_d[None, :])
+        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
+    for start in range(n_all_tiles, n_any, BLOCK_N):
+        valid = (start + offs_n) < n_any
+        idx = tl.load(c_base + start + offs_n, mask=valid, other=0)
+        k = tl.load(k_base + idx[:, None] * s_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + idx[:, None] * s_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+        mask = valid[None, :] & (idx[None, :] <= offs_m[:, None] - w)
+        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
+
+    # (b) the band [lo, hi) in tiles starting at lo. Tiles before t_a cross the lower edge
+    # (some row excludes a key j <= i - w), tiles from t_b cross the diagonal (or S).
+    lo = tl.maximum(m0 - w + 1, 0)
+    hi = tl.minimum(m1, S)
+    n_tiles = tl.cdiv(hi - lo, BLOCK_N)
+    t_a = tl.minimum(tl.cdiv(tl.maximum(m1 - w - lo, 0), BLOCK_N), n_tiles)
+    t_b = tl.maximum(tl.minimum((m0 + 1 - lo) // BLOCK_N, n_tiles), t_a)
+    for t in range(0, t_a):
+        offs_j = lo + t * BLOCK_N + offs_n
+        kv_ok = offs_j < S
+        k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
+        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
+    for t in range(t_a, t_b):
+        offs_j = lo + t * BLOCK_N + offs_n
+        k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :])
+        v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :])
+        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
+    for t in range(t_b, n_tiles):
+        offs_j = lo + t * BLOCK_N + offs_n
+        kv_ok = offs_j < S
+        k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
+        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
+
+    # Rows past S (last block only) may have seen no key; they are not stored.
+    out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+    o_base = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
+    tl.store(o_base + offs_m[:, None] * s_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# Few configs, keyed on head_dim, precision and the power-of-two length bucket. On an H100 with
+# hd 128, BLOCK_N 128 / 8 warps / 3 stages won everywhere from 32K to 128K; BLOCK_N 64 / 4 warps
+# ran at half its speed and 2 stages 13-27% slower (docs/KERNEL_NOTES.md). The 64-wide config
+# stays for head_dim 64 and short sequences, where it has not been measured to lose.
+_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+    for bn, nw, ns in [(128, 8, 3), (64, 4, 3)]
+]
+# Base of a fixed launch (`config=`): the config the autotuner chose on an H100 (KERNEL_NOTES.md).
+FIXED_CONFIG: dict[str, int] = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+
+_sparse_attn_fwd_tuned = triton.autotune(
+    configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC"]
+)(_sparse_attn_fwd)
+
+
+def _column_counts(sel: Selection, block_m: int) -> torch.Tensor:
+    """(B*Hq, n_mblk, 2) int32: per query block [m0, m1), selected columns <= m0 - w and <= m1 - 1 - w."""
+    B, H = sel.window.shape
+    S = sel.seq_len
+    C = sel.cols.shape[-1]
+    dev = sel.cols.device
+    n_mblk = triton.cdiv(S, block_m)
+    if C == 0:
+        return torch.zeros(B * H, n_mblk, 2, dtype=torch.int32, device=dev)
+    m0 = torch.arange(n_mblk, device=dev, dtype=torch.int64) * block_m
+    m1 = (m0 + block_m).clamp(max=S)
+    w = sel.window.reshape(B * H, 1).to(torch.int64)
+    thresholds = torch.stack((m0[None, :] - w + 1, m1[None, :] - w), dim=-1).reshape(B * H, 2 * n_mblk)
+    cols = sel.cols.reshape(B * H, C).to(torch.int64).contiguous()
+    counts = torch.searchsorted(cols, thresholds.contiguous(), side="left")
+    counts = torch.minimum(counts, sel.ncols.reshape(B * H, 1).to(torch.int64))
+    return counts.reshape(B * H, n_mblk, 2).to(torch.int32).contiguous()
+
+
+def sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: Selection,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention over the entries kept by `sel` (Triton).
+
+    q: (B, Hq, S, D) bf16/fp16/fp32, last dim contiguous (other strides free);
+    k, v: (B, Hkv, S, D), same dtype, Hq % Hkv == 0; D in (64, 128).
+    sel: Selection for (B, Hq) and seq_len S: window (B, Hq) int32 >= 1, cols (B, Hq, C) int32
+         ascending within ncols (B, Hq) int32, padded with S.
+    scale: softmax scale (> 0).
+    out: optional (B, Hq, S, D) tensor of q's dtype, last dim contiguous, to write into.
+    config: optional fixed launch config {"BLOCK_N", "num_warps", "num_stages"} (missing keys
+        from FIXED_CONFIG) instead of the autotuned one; benchmarks compare configs with it.
+        Ignored under the interpreter, which uses small tiles.
+    Returns out (B, Hq, S, D), q's dtype: row i of head h is the softmax-weighted
+    sum over keys j <= i with i - window < j, or j a selected column with j <= i - window.
+    """
+    B, Hq, Hkv, S, D = check_qkv(q, k, v)
+    assert scale > 0, f"scale must be > 0, got {scale}"
+    assert sel.seq_len == S, f"selection is for seq_len {sel.seq_len}, inputs have S={S}"
+    assert tuple(sel.window.shape) == (B, Hq), f"sel.window must be ({B}, {Hq}), got {tuple(sel.window.shape)}"
+    assert sel.cols.dim() == 3 and tuple(sel.cols.shape[:2]) == (B, Hq), (
+        f"sel.cols must be ({B}, {Hq}, C), got {tuple(sel.cols.shape)}"
+    )
+    assert tuple(sel.ncols.shape) == (B, Hq), f"sel.ncols must be ({B}, {Hq}), got {tuple(sel.ncols.shape)}"
+    assert sel.window.device == q.device and sel.cols.device == q.device, "selection must be on q's device"
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    window = sel.window.to(torch.int32).contiguous()
+    cols = sel.cols.to(torch.int32)
+    if cols.shape[-1] == 0:  # keep a valid pointer for the (never executed) column loads
+        cols = torch.full((B, Hq, 1), S, dtype=torch.int32, device=q.device)
+    cols = cols.contiguous()
+    if out is None:
+        out = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
+    assert tuple(out.shape) == (B, Hq, S, D) and out.dtype == q.dtype and out.stride(-1) == 1, (
+        f"out must be ({B}, {Hq}, {S}, {D}) {q.dtype} with a contiguous last dim"
+    )
+    assert S * max(q.stride(2), k.stride(2), v.stride(2), out.stride(2)) < 2**31, "rows too far apart for int32 offsets"
+    upcast, precision = dot_flags(q.dtype)
+    qk_scale = float(scale) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+
+    block_m = _INTERPRET_BLOCK_M if interpreting() else BLOCK_M
+    counts = _column_counts(
+        Selection(window=window, cols=cols, ncols=sel.ncols.to(torch.int32), seq_len=S), block_m
+    )
+    n_mblk = triton.cdiv(S, block_m)
+    grid = (B * Hq, n_mblk)
+    args = (
+        q, k, v, out, window, cols, counts,
+        qk_scale, S, Hq, Hq // Hkv, n_mblk,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        cols.stride(0), cols.stride(1),
+    )
+    if interpreting():
+        interpreter_compat()
+        _sparse_attn_fwd[grid](
+            *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=_INTERPRET_BLOCK_N,
+            UPCAST=upcast, PREC=precision,
+        )
+    elif config is not None:
+        cfg = {**FIXED_CONFIG, **config}
+        _sparse_attn_fwd[grid](
+            *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+            UPCAST=upcast, PREC=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    else:
+        _sparse_attn_fwd_tuned[grid](
+            *args, S_BUCKET=max(S - 1, 1).bit_length(), HEAD_DIM=D, BLOCK_M=block_m,
+            UPCAST=upcast, PREC=precision,
+        )
+    return out

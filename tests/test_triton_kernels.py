@@ -1,0 +1,249 @@
+"""Triton SampleAttention kernels against float64 / PyTorch references.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below
+before the kernel modules are imported), at tiny shapes so the file stays fast. Error bounds
+for bf16/fp16 follow the flash-attention tests: the kernel's error against a float64
+reference may be at most twice PyTorch's own error when it computes the same attention in the
+input dtype, plus a small absolute slack.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+# The interpreter flag is read when triton.language is first imported, so it must be set
+# before anything imports triton (a conftest.py doing this would cover every test file).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from sacli.kernels import reference  # noqa: E402
+from sacli.kernels.selection import Selection, sample_rows, select_columns, selection_mask  # noqa: E402
+from sacli.kernels.triton_sampling import column_scores_triton  # noqa: E402
+from sacli.kernels.triton_sparse import sparse_attention_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _qkv(B: int, Hq: int, Hkv: int, S: int, D: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    shape_q, shape_kv = (B, Hq, S, D), (B, Hkv, S, D)
+    # A spread of logit scales so some heads are peaked and some flat.
+    q = torch.randn(shape_q, generator=g) * (1.0 + 2.0 * torch.rand(B, Hq, 1, 1, generator=g))
+    k = torch.randn(shape_kv, generator=g)
+    v = torch.randn(shape_kv, generator=g)
+    return (t.to(dtype=dtype, device=DEVICE) for t in (q, k, v))
+
+
+def _random_selection(B: int, H: int, S: int, seed: int, windows: list[int] | None = None) -> Selection:
+    """Random windows (1 .. S, some >= S) and random ascending column sets, padded with S."""
+    g = torch.Generator().manual_seed(seed)
+    C = max(1, S // 3)
+    win = torch.randint(1, S + 2, (B, H), generator=g)
+    if windows is not None:
+        win = torch.tensor(windows).reshape(B, H)
+    cols = torch.full((B, H, C), S, dtype=torch.int32)
+    ncols = torch.zeros(B, H, dtype=torch.int32)
+    for b in range(B):
+        for h in range(H):
+            n = int(torch.randint(0, C + 1, (1,), generator=g))
+            cols[b, h, :n] = torch.randperm(S, generator=g)[:n].sort().values.to(torch.int32)
+            ncols[b, h] = n
+    return Selection(window=win.to(torch.int32).to(DEVICE), cols=cols.to(DEVICE), ncols=ncols.to(DEVICE), seq_len=S)
+
+
+def _masked_attention(q, k, v, mask, scale, dtype):
+    """Dense attention with a (B, Hq, S, S) mask, computed in `dtype` throughout."""
+    G = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(G, dim=1).to(dtype)
+    v = v.repeat_interleave(G, dim=1).to(dtype)
+    logits = torch.matmul(q.to(dtype), k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(logits, dim=-1), v)
+
+
+def _assert_within_torch_error(out, q, k, v, mask, scale):
+    ref = _masked_attention(q, k, v, mask, scale, torch.float64)
+    torch_err = (_masked_attention(q, k, v, mask, scale, q.dtype).double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert not torch.isnan(out).any(), "output has NaN (unwritten or poisoned entries)"
+    assert err <= 2 * torch_err + 1e-5, f"kernel error {err:.3g} > 2 x PyTorch {q.dtype} error {torch_err:.3g}"
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+# (B, Hq, Hkv, S, D, dtype): awkward lengths, GQA ratios 1/3/4, both head dims.
+SPARSE_CASES = [
+    (1, 2, 2, 97, 64, torch.bfloat16),
+    (2, 3, 1, 130, 128, torch.float16),
+    (1, 4, 1, 61, 64, torch.bfloat16),
+    (1, 1, 1, 1025, 64, torch.bfloat16),
+    (1, 2, 1, 77, 128, torch.float32),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,S,D,dtype", SPARSE_CASES)
+def test_sparse_matches_reference(B, Hq, Hkv, S, D, dtype):
+    q, k, v = _qkv(B, Hq, Hkv, S, D, dtype, seed=S + D)
+    sel = _random_selection(B, Hq, S, seed=S)
+    scale = D**-0.5
+    out = sparse_attention_triton(q, k, v, sel, scale, out=_poisoned((B, Hq, S, D), dtype))
+    _assert_within_torch_error(out, q, k, v, selection_mask(sel), scale)
+    # The PyTorch reference backend computes the same function.
+    ref = reference.sparse_attention(q, k, v, sel, scale)
+    _assert_within_torch_error(ref, q, k, v, selection_mask(sel), scale)
+
+
+def test_sparse_window_one_without_columns_copies_v():
+    """Each row keeps only its diagonal entry: the output is exactly that row of V."""
+    B, Hq, Hkv, S, D = 1, 2, 1, 70, 64
+    q, k, v = _qkv(B, Hq, Hkv, S, D, torch.float32, seed=1)
+    sel = Selection(
+        window=torch.ones(B, Hq, dtype=torch.int32, device=DEVICE),
+        cols=torch.empty(B, Hq, 0, dtype=torch.int32, device=DEVICE),
+        ncols=torch.zeros(B, Hq, dtype=torch.int32, device=DEVICE),
+        seq_len=S,
+    )
+    out = sparse_attention_triton(q, k, v, sel, D**-0.5, out=_poisoned((B, Hq, S, D), torch.float32))
+    torch.testing.assert_close(out, v.expand(B, Hq, S, D), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["window_covers_all", "all_columns"])
+def test_sparse_dense_selection_equals_causal_attention(layout):
+    B, Hq, Hkv, S, D = 1, 3, 1, 90, 128
+    q, k, v = _qkv(B, Hq, Hkv, S, D, torch.bfloat16, seed=2)
+    if layout == "window_covers_all":
+        sel = Selection(
+            window=torch.full((B, Hq), S, dtype=torch.int32, device=DEVICE),
+            cols=torch.full((B, Hq, 3), S, dtype=torch.int32, device=DEVICE),
+            ncols=torch.zeros(B, Hq, dtype=torch.int32, device=DEVICE),
+            seq_len=S,
+        )
+    else:
+        sel = Selection(
+            window=torch.full((B, Hq), 5, dtype=torch.int32, device=DEVICE),
+            cols=torch.arange(S, dtype=torch.int32, device=DEVICE).expand(B, Hq, S).contiguous(),
+            ncols=torch.full((B, Hq), S, dtype=torch.int32, device=DEVICE),
+            seq_len=S,
+        )
+    causal = torch.ones(S, S, dtype=torch.bool, device=DEVICE).tril().expand(B, Hq, S, S)
+    assert torch.equal(selection_mask(sel), causal)
+    out = sparse_attention_triton(q, k, v, sel, D**-0.5)
+    _assert_within_torch_error(out, q, k, v, causal, D**-0.5)
+
+
+def test_sparse_accepts_strided_inputs():
+    """q/k/v as Hugging Face hands them over: (B, S, H, D) storage viewed as (B, H, S, D)."""
+    B, Hq, Hkv, S, D = 2, 4, 2, 50, 64
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, S, Hq, D, generator=g).to(torch.bfloat16).to(DEVICE).transpose(1, 2)
+    k = torch.randn(B, S, Hkv, D, generator=g).to(torch.bfloat16).to(DEVICE).transpose(1, 2)
+    v = torch.randn(B, S, Hkv, D, generator=g).to(torch.bfloat16).to(DEVICE).transpose(1, 2)
+    sel = _random_selection(B, Hq, S, seed=4)
+    out = sparse_attention_triton(q, k, v, sel, D**-0.5)
+    _assert_within_torch_error(out, q, k, v, selection_mask(sel), D**-0.5)
+
+
+def test_sparse_rejects_bad_input():
+    q, k, v = _qkv(1, 2, 1, 16, 64, torch.bfloat16, seed=5)
+    sel = _random_selection(1, 2, 16, seed=5)
+    with pytest.raises(AssertionError, match="head_dim"):
+        sparse_attention_triton(q[..., :48], k[..., :48], v[..., :48], sel, 0.1)
+    with pytest.raises(AssertionError, match="seq_len"):
+        sparse_attention_triton(q[:, :, :8], k[:, :, :8], v[:, :, :8], sel, 0.1)
+
+
+def _column_scores_f64(q, k, rows, w, scale):
+    """float64 scores (B, Hq, S) and band masses (B, Hq, R) straight from the definition."""
+    G = q.shape[1] // k.shape[1]
+    kk = k.double().repeat_interleave(G, dim=1)
+    S = q.shape[2]
+    logits = torch.matmul(q.double()[:, :, rows], kk.transpose(-1, -2)) * scale  # (B, Hq, R, S)
+    j = torch.arange(S, device=q.device)
+    r = rows.to(q.device)[:, None]
+    p = torch.softmax(logits.masked_fill(j > r, float("-inf")), dim=-1)
+    before = j <= r - w
+    return (p * before).sum(2) / rows.numel(), (p * ~before).sum(-1)
+
+
+# (B, Hq, Hkv, S, D, dtype, window_tokens, sample_ratio, row_block)
+SAMPLING_CASES = [
+    (1, 2, 2, 97, 64, torch.bfloat16, 7, 0.3, 16),
+    (2, 3, 1, 150, 128, torch.float16, 20, 0.25, 16),
+    (1, 4, 1, 120, 64, torch.bfloat16, 1, 0.5, 32),
+    (1, 2, 1, 64, 64, torch.float32, 80, 1.0, 64),  # window beyond S: no column scores
+    (1, 1, 1, 1025, 64, torch.bfloat16, 52, 0.05, 16),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,S,D,dtype,w,ratio,block", SAMPLING_CASES)
+@pytest.mark.parametrize("pipe", [0, 1], ids=["plain", "pipelined"])
+def test_column_scores_match_reference(B, Hq, Hkv, S, D, dtype, w, ratio, block, pipe):
+    if pipe and S > 500:
+        pytest.skip("the pipelined loops are covered by the shorter cases")
+    q, k, _ = _qkv(B, Hq, Hkv, S, D, dtype, seed=S + w)
+    rows = sample_rows(S, ratio, block=block).to(DEVICE)
+    scale = D**-0.5
+    R = rows.numel()
+    out = (_poisoned((B, Hq, S), torch.float32), _poisoned((B, Hq, R), torch.float32))
+    scores, mass = column_scores_triton(q, k, rows, w, scale, out=out, config={"pipe1": pipe, "pipe2": pipe})
+    ref_scores, ref_mass = reference.column_scores(q, k, rows, w, scale)
+    exact_scores, exact_mass = _column_scores_f64(q, k, rows, w, scale)
+    for got, ref, exact, name in ((scores, ref_scores, exact_scores, "scores"), (mass, ref_mass, exact_mass, "window_mass")):
+        assert not torch.isnan(got).any(), f"{name} has unwritten entries"
+        torch_err = (ref.double() - exact).abs().max().item()
+        err = (got.double() - exact).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6, f"{name}: kernel error {err:.3g} > 2 x PyTorch float32 error {torch_err:.3g}"
+    # Mass conservation: band + residual = 1 per row, so mean(band) + sum(scores) = 1.
+    total = mass.double().mean(-1) + scores.double().sum(-1)
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-5)
+
+
+def test_selection_from_kernel_scores_matches_reference_selection():
+    """Stage 2 is shared PyTorch code: the kernel's scores lead to the reference's columns."""
+    B, Hq, Hkv, S, D, w = 1, 2, 1, 200, 64, 10
+    q, k, _ = _qkv(B, Hq, Hkv, S, D, torch.bfloat16, seed=9)
+    rows = sample_rows(S, 0.2, block=16).to(DEVICE)
+    scores, mass = column_scores_triton(q, k, rows, w, D**-0.5)
+    ref_scores, ref_mass = reference.column_scores(q, k, rows, w, D**-0.5)
+    mine = select_columns(scores, mass, 0.9, w, S)
+    ref = select_columns(ref_scores, ref_mass, 0.9, w, S)
+    assert int(ref.ncols.min()) > 0, "the case should select some columns"
+    assert torch.equal(mine.ncols, ref.ncols) and torch.equal(mine.cols, ref.cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sample_attention_alpha_one_is_dense(dtype):
+    """Through the public API on the Triton backend: alpha = 1 keeps every column."""
+    from sacli.kernels import sample_attention
+
+    B, Hq, Hkv, S, D = 1, 2, 1, 100, 64
+    q, k, v = _qkv(B, Hq, Hkv, S, D, dtype, seed=11)
+    out, stats = sample_attention(q, k, v, alpha=1.0, window=0.1, sample_ratio=0.5, backend="triton")
+    causal = torch.ones(S, S, dtype=torch.bool, device=DEVICE).tril().expand(B, Hq, S, S)
+    assert stats.routed == "sparse"
+    _assert_within_torch_error(out, q, k, v, causal, D**-0.5)
+
+
+@pytest.mark.parametrize("density", [0.03, 0.1, 0.4])
+def test_benchmark_selection_has_requested_density(density):
+    """The fixed selections of `sacli bench attention --workload synthetic` keep what they claim."""
+    from sacli.bench import synthetic_selection
+
+    S = 600
+    sel = synthetic_selection(1, 3, S, density=density, device=DEVICE, seed=1)
+    mask = selection_mask(sel)
+    kept = mask.sum(dim=(-1, -2)).double()
+    assert torch.equal(kept, sel.kept_entries()), "kept_entries disagrees with the dense mask"
+    measured = kept / (S * (S + 1) / 2)
+    assert (measured - density).abs().max().item() < 0.01, f"density {measured.tolist()} != {density}"
+    valid = torch.arange(sel.cols.shape[-1], device=DEVICE) < sel.ncols[..., None]
+    assert bool(((sel.cols[..., 1:] > sel.cols[..., :-1]) | ~valid[..., 1:]).all()), "columns not ascending"
+    assert bool((sel.cols[~valid] == S).all()), "padding must hold S"
