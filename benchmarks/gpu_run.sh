@@ -11,6 +11,11 @@
 #   model       sacli bench attention --workload model on $BENCH_TEXT
 #   ttft        sacli bench ttft (default model) on $BENCH_TEXT
 #   projection  sacli bench ttft --shape llama-8b with the densities measured by `model`
+#   fidelity    sacli eval fidelity at $EVAL_LENGTHS (YaRN past 8K), product rule vs literal/residual
+#   ppl         sacli eval ppl at $PPL_LENGTHS
+#   niah        sacli eval niah on a small lengths x depths grid
+#   summarize   benchmarks/summarize_gpu.py: 20 documents of 16K tokens, dense vs sparse
+#   pack        tar every result under $OUT into $OUT/results.tar.gz (the reply carries few files)
 # Environment: OUT (results), LENGTHS (default 8K..128K), BENCH_TEXT (a long book),
 # FLEX_LENGTHS (lengths at which FlexAttention is timed; default all).
 set -uo pipefail
@@ -51,6 +56,20 @@ for stage in "$@"; do
     projection)
       run python3 -m sacli.bench ttft --shape llama-8b --lengths "${PROJ_LENGTHS:-$LENGTHS}" --repeats 2 \
         --densities-from "$OUT/attention_model.json" --out "$OUT/ttft_llama8b.json" ;;
+    fidelity)
+      run python3 -m sacli eval fidelity "$BENCH_TEXT" --lengths "${EVAL_LENGTHS:-16K,32K}" --rope-scale yarn \
+        --dense-below 0 --rule product --rule adaptive --rule literal --out "$OUT/eval/fidelity.json" ;;
+    ppl)
+      run python3 -m sacli eval ppl "$BENCH_TEXT" --lengths "${PPL_LENGTHS:-8K,16K}" --rope-scale yarn \
+        --dense-below 0 --rule product --rule adaptive --rule literal --out "$OUT/eval/ppl.json" ;;
+    niah)
+      run python3 -m sacli eval niah "${NIAH_TEXT:-$BENCH_TEXT}" --lengths "${NIAH_LENGTHS:-4K,8K,16K}" \
+        --depths "${NIAH_DEPTHS:-0.1,0.3,0.5,0.7,0.9}" --rope-scale yarn --dense-below 0 --out "$OUT/eval/niah.json" ;;
+    summarize)
+      # forced sparse (dense_below 0): at 16K the automatic routing would choose dense for this model
+      run env SACLI_DENSE_BELOW=0 python3 benchmarks/summarize_gpu.py --out "$OUT/summarize_gpu.json" ;;
+    pack)
+      (cd "$OUT" && tar czf /tmp/results.tar.gz --exclude results.tar.gz . && mv /tmp/results.tar.gz results.tar.gz) ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; status=2 ;;
   esac
 done

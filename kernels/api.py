@@ -11,6 +11,7 @@ Stages 1 and 3 run on the backend chosen by `backend.choose_backend`; stage 2 is
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,25 @@ class AttentionStats:
         return cls(routed=routed, density=torch.ones(q.shape[:2], dtype=torch.float32, device=q.device))
 
 
+# Below these lengths sparse prefill loses to dense attention, so it routes to dense.
+# CUDA (H100, bf16): the sparse pipeline's fixed per-call costs (selection, launches) meet dense
+# SDPA near 16K tokens for 32 heads x 128 dims and near 30-35K for the default model's 9 x 64
+# (benchmarks/attention_*.json, ttft_*.json); dense time grows with heads x head_dim, the fixed
+# cost does not, hence the square-root scaling. CPU: the gathering reference path, forced sparse,
+# was slower than SDPA at 4K and 8K tokens with the default model (benchmarks/cpu_ttft.json), so
+# on the CPU automatic routing always chooses dense; dense_below=0 forces the sparse path.
+_CUDA_CROSSOVER_AT_4096 = 16384
+CPU_CROSSOVER = sys.maxsize
+
+
+def crossover_tokens(q: torch.Tensor) -> int:
+    """Sequence length from which sparse prefill is expected to beat dense for q (B, Hq, S, D)."""
+    if not q.is_cuda:
+        return CPU_CROSSOVER
+    width = q.shape[1] * q.shape[3]
+    return int(_CUDA_CROSSOVER_AT_4096 * math.sqrt(4096 / width))
+
+
 def sample_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -54,7 +74,7 @@ def sample_attention(
     window: float,
     sample_ratio: float,
     scale: float | None = None,
-    dense_below: int = 0,
+    dense_below: int | None = 0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Causal SampleAttention for a prefill.
@@ -64,7 +84,8 @@ def sample_attention(
     window: local window as a fraction of S, in (0, 1]; window tokens = ceil(window * S).
     sample_ratio: fraction of query rows sampled for stage 1, in (0, 1].
     scale: softmax scale, default 1/sqrt(D).
-    dense_below: sequences shorter than this use exact attention (routed "dense_short").
+    dense_below: sequences shorter than this use exact attention (routed "dense_short");
+        None or negative: the measured crossover for the device and head shape (crossover_tokens).
     backend: "torch", "triton", "auto" or None (see kernels/backend.py).
     Returns out (B, Hq, S, D) in q's dtype, and AttentionStats.
     """
@@ -73,7 +94,8 @@ def sample_attention(
     assert 0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {alpha}"
     assert 0.0 < window <= 1.0, f"window must be in (0, 1], got {window}"
     assert 0.0 < sample_ratio <= 1.0, f"sample_ratio must be in (0, 1], got {sample_ratio}"
-    assert dense_below >= 0, f"dense_below must be >= 0, got {dense_below}"
+    if dense_below is None or dense_below < 0:
+        dense_below = crossover_tokens(q)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
 

@@ -1,25 +1,32 @@
 """Selection rules: from the attention of sampled query rows to a per-head Selection.
 
-The rule of the paper (`selection.select_columns`) fixes one window for every head and keeps the
-fewest columns whose mean sampled score reaches alpha. `select_adaptive` keeps the knobs' meaning
-(alpha: share of the sampled queries' attention the kept entries must reach; window: the local
-window as a fraction of S, here the largest window a head may get; sample_ratio: share of query
-rows sampled, `selection.sample_rows`) and adapts to each head and input:
+The rule of the paper (`selection.select_columns`) gives every head one window and keeps the
+fewest key columns whose mean sampled score reaches alpha. `select_adaptive` keeps the knobs'
+meaning (alpha: share of the sampled queries' attention the kept entries must reach; window: the
+local window as a fraction of S, the largest a head may get; sample_ratio: share of query rows
+sampled) and adapts to each head and input:
 
-- window per head: every candidate window (window, window/2, window/4, ... down to
-  `min_window_tokens`) gets its own residual column scores (the attention the band leaves), and
-  the head takes the candidate that keeps the fewest entries;
-- columns by value per cost: a column j is computed by the S - j - w rows past the band, so
-  columns are ranked by sampled score per kept entry, not by score alone;
-- alpha per query: columns are added until a share `row_quantile` of the sampled rows each keep
-  alpha of their own attention (not just alpha on average), which protects rows whose attention
-  differs from the mean;
-- sink columns: the first `sink_tokens` keys are always kept (every row attends to them);
-- dense fallback: a head whose selection would keep more than `dense_above` of the causal entries
-  gains little from sparsity and is computed exactly (window = S).
+- value-weighted attention: a key's attention is weighed by the norm of its value vector, i.e.
+  by what it adds to the output. "Sink" keys (the first token, punctuation) take most of the
+  probability of many heads but carry near-zero values; alpha then applies to the attention that
+  actually forms the output instead of being met by the sink alone;
+- window per head: each candidate window (window, window/2, ... down to `min_window_tokens`)
+  gets its own residual column scores (the attention its band leaves) and the head takes the
+  candidate that keeps the fewest entries;
+- sampled rows in short blocks (`block` rows) spread evenly over the sequence, tail included:
+  more, smaller blocks see more of the sequence's distinct contexts for the same sample_ratio;
+- sink columns: the first `sink_tokens` keys are always kept;
+- alpha per head, checked on held-out rows: the sampled blocks are split in two interleaved
+  halves; columns chosen on one half are applied to the other, and the exact output error of
+  those held-out rows is measured. A head whose held-out relative error exceeds
+  `error_ratio` * (1 - alpha) (5% at alpha 0.95) retries with
+  a stricter alpha (1 - (1 - alpha) / 2, / 4, ...); a head that fails at every level, or whose
+  selection keeps more than `dense_above` of the causal entries, is computed exactly
+  (window = S): the sample has shown it unselectable (typically heads whose queries each attend
+  to their own far keys, which no column choice covers).
 
 Plain PyTorch, float32, chunked over sampled rows so memory stays O(rows chunk x S) per KV head.
-All inputs are the ones `api.sample_attention` already holds.
+All inputs are ones `api.sample_attention` already holds.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .selection import Selection, fraction_to_tokens
+from .selection import Selection, fraction_to_tokens, sample_rows
 
 # Upper bound on the float32 elements one chunk of sampled-row probabilities holds (128 MiB).
 _CHUNK_ELEMS = 1 << 25
@@ -39,28 +46,22 @@ _CHUNK_ELEMS = 1 << 25
 class RuleConfig:
     """Tuning of `select_adaptive` (defaults chosen from the measured trade-off; docs/FIDELITY.md)."""
 
-    # candidate windows are window * 2**-i for i in range(window_levels), at least min_window_tokens
-    window_levels: int = 4
+    # candidate windows: window * 2**-i for i < window_levels, none below min_window_tokens
+    window_levels: int = 7
     min_window_tokens: int = 64
-    # "score": rank columns by sampled score (paper); "ratio": by score per kept entry
-    order: str = "score"
-    # share of sampled rows that must each reach alpha; None: the mean over sampled rows must
-    row_quantile: float | None = None
+    # rows per sampled block
+    block: int = 16
     # keys always kept at the start of the sequence
     sink_tokens: int = 4
+    # weigh attention by value norms (False: plain attention probabilities, as the paper)
+    value_weighted: bool = True
+    # held-out output error a head's selection may show, as a multiple of 1 - alpha (alpha 0.95
+    # and 1.0: 5% relative error); None skips the check
+    error_ratio: float | None = 1.0
+    # alphas tried per head: 1 - (1 - alpha) / 2**i for i < alpha_levels
+    alpha_levels: int = 3
     # heads whose selection keeps more than this share of the causal entries run dense
     dense_above: float = 0.6
-    # weigh each key's attention by the norm of its value vector (what it adds to the output)
-    value_weighted: bool = False
-    # a column earns credit only from sampled rows at least credit_factor * w tokens past it
-    # (attention just beyond the band is row-specific: it does not carry over to unsampled rows)
-    credit_factor: float = 1.0
-    # cross-check: columns chosen on half of the sampled blocks must reach alpha on the other
-    # half; the in-sample mass that takes ("max" or "mean" over the two halves) becomes the
-    # head's effective alpha. None: alpha applies to the sampled rows as they are.
-    cross_check: str | None = None
-    # rows per sampled block (the unit the two halves are made of)
-    block: int = 64
 
 
 DEFAULT_RULE = RuleConfig()
@@ -77,28 +78,21 @@ def candidate_windows(window: float, seq_len: int, config: RuleConfig) -> list[i
     return out
 
 
-def _credit_distance(w: int, config: RuleConfig) -> int:
-    return max(w, math.ceil(config.credit_factor * w))
-
-
-def _row_weights(
-    qh: torch.Tensor, kf: torch.Tensor, vnorm: torch.Tensor | None, r: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """(G, rc, n) float32 attention of rows r (sorted) over keys 0..n-1, n = r[-1] + 1, rows summing
-    to 1: the causal softmax, times the value norms and renormalized when vnorm is given."""
+def _row_probs(qh: torch.Tensor, kf: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Tensor:
+    """(G, rc, n) float32 causal softmax of rows r (sorted) over keys 0..n-1, n = r[-1] + 1."""
     n = int(r[-1]) + 1
     logits = torch.matmul(qh[:, r].float(), kf[:n].T) * scale
     j = torch.arange(n, device=kf.device)
     logits.masked_fill_(j[None, :] > r[:, None], float("-inf"))
-    p = torch.softmax(logits, dim=-1)
-    if vnorm is not None:
-        p.mul_(vnorm[:n])
-        p.div_(p.sum(-1, keepdim=True).clamp_min(1e-30))
-    return p
+    return torch.softmax(logits, dim=-1)
 
 
-def _value_norms(v: torch.Tensor | None, b: int, g: int) -> torch.Tensor | None:
-    return None if v is None else v[b, g].float().norm(dim=-1)
+def _weigh(p: torch.Tensor, vnorm: torch.Tensor | None) -> torch.Tensor:
+    """Attention times value norms, renormalized per row (p itself when vnorm is None)."""
+    if vnorm is None:
+        return p
+    w = p * vnorm[: p.shape[-1]]
+    return w.div_(w.sum(-1, keepdim=True).clamp_min(1e-30))
 
 
 def window_statistics(
@@ -109,18 +103,15 @@ def window_statistics(
     scale: float,
     *,
     v: torch.Tensor | None = None,
-    credit: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual column scores and band masses of the sampled rows for several windows at once.
+    """Residual column scores and band masses of sampled rows for several windows at once.
 
     q: (B, Hq, S, D); k: (B, Hkv, S, D); rows: (R,) int64 sorted unique; windows: K sizes >= 1.
     v: (B, Hkv, S, D) to weigh attention by value norms (None: plain attention).
-    credit: per window, the least row-to-column distance that earns a column score (>= window;
-    default the window itself).
-    Returns float32 on q's device, with p_r row r's (weighted) attention:
-      scores: (B, Hq, K, S), mean over rows r of p_r[j] * [j <= r - credit[t]]
+    Returns float32 on q's device, with p_r row r's (weighted) attention, summing to 1:
+      scores: (B, Hq, K, S), mean over rows r of p_r[j] * [j <= r - windows[t]]
       band:   (B, Hq, K, R), sum of p_r over r's band (r - windows[t], r]
-    (for one window, no weighting and no credit these equal `column_scores`).
+    (for one window and v None these equal `column_scores`).
     """
     B, Hq, S, _ = q.shape
     Hkv = k.shape[1]
@@ -128,7 +119,6 @@ def window_statistics(
     rows = rows.to(device=q.device, dtype=torch.int64)
     R = rows.numel()
     K = len(windows)
-    credit = list(windows) if credit is None else credit
     scores = torch.zeros(B, Hq, K, S, dtype=torch.float32, device=q.device)
     band = torch.empty(B, Hq, K, R, dtype=torch.float32, device=q.device)
     chunk = max(1, _CHUNK_ELEMS // (G * S))
@@ -136,44 +126,40 @@ def window_statistics(
         for g in range(Hkv):
             heads = slice(g * G, (g + 1) * G)
             kf = k[b, g].float()
-            vnorm = _value_norms(v, b, g)
+            vnorm = None if v is None else v[b, g].float().norm(dim=-1)
             for c0 in range(0, R, chunk):
                 r = rows[c0 : c0 + chunk]
-                p = _row_weights(q[b, heads], kf, vnorm, r, scale)
-                n = p.shape[-1]
-                dist = r[:, None] - torch.arange(n, device=q.device)[None, :]
+                p = _weigh(_row_probs(q[b, heads], kf, r, scale), vnorm)
+                dist = r[:, None] - torch.arange(p.shape[-1], device=q.device)[None, :]
                 for t, w in enumerate(windows):
-                    # the causal mass is 1, so the band holds whatever lies past it
-                    band[b, heads, t, c0 : c0 + r.numel()] = 1.0 - (p * (dist >= w)).sum(-1)
-                    scores[b, heads, t, :n] += (p * (dist >= credit[t])).sum(1)
+                    far = p * (dist >= w)
+                    scores[b, heads, t, : p.shape[-1]] += far.sum(1)
+                    # each row sums to 1, so its band holds whatever lies past it
+                    band[b, heads, t, c0 : c0 + r.numel()] = 1.0 - far.sum(-1)
     return scores.div_(R), band
 
 
-def _rank(score: torch.Tensor, w: int, S: int, order: str, sinks: int) -> torch.Tensor:
-    """(..., S) column order, best first; columns inside every band go last with zero value."""
-    j = torch.arange(S, device=score.device, dtype=torch.float64)
-    value = score.to(torch.float64)
-    if order == "ratio":
-        rows_using = (S - j - w).clamp(min=1.0)
-        value = value / rows_using
-    elif order != "score":
-        raise ValueError(f"unknown column order {order!r}")
-    value = value.clone()
-    value[..., S - w :] = -1.0
+def _rank(score: torch.Tensor, w: torch.Tensor, S: int, sinks: int) -> torch.Tensor:
+    """(B, Hq, S) column order, best first: sinks, then by score; columns no row can use
+    (j > S - 1 - w, inside every band) last. w: (B, Hq) int64."""
+    j = torch.arange(S, device=score.device)
+    value = score.to(torch.float64).clone()
+    value.masked_fill_(j > (S - 1 - w)[..., None], -1.0)
     value[..., :sinks] = math.inf
     return torch.sort(value, dim=-1, descending=True, stable=True).indices
 
 
-def _count_for_mean(score: torch.Tensor, ranked: torch.Tensor, need: torch.Tensor, limit: int) -> torch.Tensor:
-    """(...,) fewest leading ranked columns whose scores sum to `need` (all `limit` if never)."""
+def _count(score: torch.Tensor, ranked: torch.Tensor, need: torch.Tensor, limit: torch.Tensor, sinks: int) -> torch.Tensor:
+    """(B, Hq) fewest leading ranked columns whose scores sum to `need` (all usable if never),
+    at least the sinks."""
     csum = score.to(torch.float64).gather(-1, ranked).cumsum(-1)
     count = torch.searchsorted(csum, need[..., None].to(torch.float64).contiguous(), side="left")[..., 0] + 1
     count = torch.where(need <= 0, torch.zeros_like(count), count)
-    return count.clamp(max=limit)
+    return torch.maximum(count.minimum(limit), limit.clamp(max=sinks))
 
 
 def _kept_entries(ranked: torch.Tensor, count: torch.Tensor, w: torch.Tensor, S: int) -> torch.Tensor:
-    """(...,) float64 causal entries of a band of w (...,) tokens plus the first `count` ranked columns."""
+    """(B, Hq) float64 causal entries of a band of w tokens plus the first `count` ranked columns."""
     wf = w.to(torch.float64)
     rows_using = (S - ranked.to(torch.float64) - wf[..., None]).clamp(min=0)
     csum = torch.cat((torch.zeros_like(rows_using[..., :1]), rows_using.cumsum(-1)), dim=-1)
@@ -181,182 +167,162 @@ def _kept_entries(ranked: torch.Tensor, count: torch.Tensor, w: torch.Tensor, S:
     return wf * S - wf * (wf - 1) / 2 + cols
 
 
-def _row_quantile_counts(
+def _pick(scores: torch.Tensor, band_mean: torch.Tensor, wins: list[int], alpha: float, S: int, sinks: int):
+    """Per head, the window whose residual columns reach alpha with the fewest kept entries.
+
+    scores: (B, Hq, K, S); band_mean: (B, Hq, K). Returns (window (B, Hq) int64, window index,
+    ranked columns (B, Hq, S), count (B, Hq), kept entries (B, Hq) float64).
+    """
+    B, H = scores.shape[:2]
+    dev = scores.device
+    best = None
+    for t, w in enumerate(wins):
+        wt = torch.full((B, H), w, dtype=torch.int64, device=dev)
+        ranked = _rank(scores[:, :, t], wt, S, sinks)
+        limit = (S - wt).clamp(min=0)
+        count = _count(scores[:, :, t], ranked, alpha - band_mean[:, :, t].to(torch.float64), limit, sinks)
+        cost = _kept_entries(ranked, count, wt, S)
+        if best is None:
+            best = [wt, torch.zeros_like(wt), ranked, count, cost]
+            continue
+        better = cost < best[4]
+        best[0] = torch.where(better, wt, best[0])
+        best[1] = torch.where(better, torch.full_like(wt, t), best[1])
+        best[2] = torch.where(better[..., None], ranked, best[2])
+        best[3] = torch.where(better, count, best[3])
+        best[4] = torch.where(better, cost, best[4])
+    assert best is not None
+    return tuple(best)
+
+
+def _marks(ranked: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(B, Hq, S) bool: the first `count` ranked columns."""
+    S = ranked.shape[-1]
+    taken = torch.arange(S, device=ranked.device) < count[..., None]
+    return torch.zeros_like(taken).scatter_(-1, ranked, taken)
+
+
+def held_out_error(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor | None,
+    v: torch.Tensor,
     rows: torch.Tensor,
-    windows: torch.Tensor,
-    credits: torch.Tensor,
-    ranked: torch.Tensor,
-    alpha: float,
-    quantile: float,
+    window: torch.Tensor,
+    marks: torch.Tensor,
     scale: float,
-) -> torch.Tensor:
-    """(B, Hq) int64: columns (in `ranked` order) needed so that `quantile` of the sampled rows
-    each keep alpha of their (weighted) attention with their head's window and credit distance."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared output error of rows under a selection, and the squared dense output.
+
+    q: (B, Hq, S, D); k, v: (B, Hkv, S, D); rows: (R,) sorted unique; window: (B, Hq) int64;
+    marks: (B, Hq, S) bool selected columns. Returns (err2, out2), each (B, Hq) float64:
+    sum over rows of ||O_sparse - O_dense||^2 and ||O_dense||^2 (plain attention, float32 math).
+    """
     B, Hq, S, _ = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     rows = rows.to(device=q.device, dtype=torch.int64)
-    R = rows.numel()
-    need = torch.empty(B, Hq, R, dtype=torch.int64, device=q.device)
+    err2 = torch.zeros(B, Hq, dtype=torch.float64, device=q.device)
+    out2 = torch.zeros(B, Hq, dtype=torch.float64, device=q.device)
     chunk = max(1, _CHUNK_ELEMS // (2 * G * S))
     for b in range(B):
         for g in range(Hkv):
             heads = slice(g * G, (g + 1) * G)
-            kf = k[b, g].float()
-            vnorm = _value_norms(v, b, g)
-            for c0 in range(0, R, chunk):
+            kf, vf = k[b, g].float(), v[b, g].float()
+            w = window[b, heads][:, None, None]
+            for c0 in range(0, rows.numel(), chunk):
                 r = rows[c0 : c0 + chunk]
-                p = _row_weights(q[b, heads], kf, vnorm, r, scale)  # (G, rc, n)
+                p = _row_probs(q[b, heads], kf, r, scale)  # (G, rc, n)
                 n = p.shape[-1]
-                w = windows[b, heads].to(torch.int64)[:, None, None]  # (G, 1, 1)
-                c = credits[b, heads].to(torch.int64)[:, None, None]
-                dist = r[None, :, None] - torch.arange(n, device=q.device)[None, None, :]
-                bandm = (p * (dist < w)).sum(-1)  # (G, rc)
-                far = torch.zeros(G, r.numel(), S, dtype=torch.float32, device=q.device)
-                far[..., :n] = p * (dist >= c)
-                # mass gained by the ranked columns, in order, per row
-                gained = far.gather(-1, ranked[b, heads][:, None, :].expand(-1, r.numel(), -1)).cumsum(-1)
-                target = (alpha - bandm)[..., None]
-                cnt = (gained < target).sum(-1) + 1
-                need[b, heads, c0 : c0 + r.numel()] = torch.where(target[..., 0] <= 0, torch.zeros_like(cnt), cnt)
-    q_idx = min(R - 1, max(0, math.ceil(quantile * R) - 1))
-    return need.sort(-1).values[..., q_idx]
-
-
-def _overfit_gap(
-    fit_scores: torch.Tensor,
-    fit_band: torch.Tensor,
-    test_scores: torch.Tensor,
-    test_band: torch.Tensor,
-    alpha: float,
-    w: int,
-    S: int,
-    order: str,
-    sinks: int,
-    limit: int,
-) -> torch.Tensor:
-    """(B, Hq) float64: how much in-sample mass above alpha the `fit` rows need before the columns
-    chosen on them give the held-out `test` rows alpha (1 - alpha when no count does).
-
-    scores: (B, Hq, S) mean residual score per column; band: (B, Hq, R_half) band masses.
-    """
-    ranked = _rank(fit_scores, w, S, order, sinks)
-    held = test_band.to(torch.float64).mean(-1)
-    held_curve = test_scores.to(torch.float64).gather(-1, ranked).cumsum(-1)
-    count = torch.searchsorted(held_curve, (alpha - held)[..., None].contiguous(), side="left")[..., 0] + 1
-    count = torch.where(held >= alpha, torch.zeros_like(count), count).clamp(min=min(sinks, limit))
-    reachable = (held >= alpha) | (count <= limit)
-    fit_curve = torch.cat(
-        (torch.zeros_like(held_curve[..., :1]), fit_scores.to(torch.float64).gather(-1, ranked).cumsum(-1)), dim=-1
-    )
-    in_sample = fit_band.to(torch.float64).mean(-1) + fit_curve.gather(-1, count.clamp(max=S)[..., None])[..., 0]
-    gap = (in_sample - alpha).clamp(min=0.0)
-    return torch.where(reachable, gap, torch.full_like(gap, 1.0 - alpha))
+                dense = p @ vf[:n]
+                dist = r[:, None] - torch.arange(n, device=q.device)[None, :]
+                keep = p * ((dist[None] < w) | marks[b, heads, None, :n])
+                sparse = (keep @ vf[:n]) / keep.sum(-1, keepdim=True).clamp_min(1e-30)
+                err2[b, heads] += (sparse - dense).square().sum((-1, -2)).double()
+                out2[b, heads] += dense.square().sum((-1, -2)).double()
+    return err2, out2
 
 
 def select_adaptive(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor | None = None,
+    v: torch.Tensor,
     *,
     alpha: float,
     window: float,
     sample_ratio: float,
     scale: float,
-    rows: torch.Tensor | None = None,
     config: RuleConfig = DEFAULT_RULE,
 ) -> Selection:
-    """Per-head window and columns from the exact attention of sampled query rows.
+    """Per-head window, columns and alpha from the exact attention of sampled query rows.
 
-    q: (B, Hq, S, D); k, v: (B, Hkv, S, D); any float dtype, Hq % Hkv == 0. v is read only when
-    config.value_weighted (its norms weigh the attention).
+    q: (B, Hq, S, D); k, v: (B, Hkv, S, D); any float dtype, same device, Hq % Hkv == 0.
     alpha, window, sample_ratio, scale: the SampleAttention knobs (see module docstring).
-    rows: (R,) sorted unique sampled rows; default `selection.sample_rows(S, sample_ratio)`.
     Returns a Selection (window (B, Hq) int32 per head, cols ascending padded with S); heads
     computed exactly have window = S and no columns.
     """
-    from .selection import sample_rows
-
-    assert q.dim() == 4 and k.dim() == 4, f"q, k must be 4-D; got {tuple(q.shape)}, {tuple(k.shape)}"
+    assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape, (
+        f"q (B, Hq, S, D), k and v (B, Hkv, S, D) expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    )
     B, Hq, S, _ = q.shape
     assert k.shape[0] == B and k.shape[2] == S and Hq % k.shape[1] == 0, (
         f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
     )
-    if config.value_weighted:
-        assert v is not None and v.shape[:3] == k.shape[:3], "value_weighted needs v shaped like k"
-    else:
-        v = None
+    assert 0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {alpha}"
     dev = q.device
-    if rows is None:
-        rows = sample_rows(S, sample_ratio, config.block)
-    rows = rows.to(device=dev, dtype=torch.int64)
+    rows = sample_rows(S, sample_ratio, config.block).to(dev)
     R = rows.numel()
     wins = candidate_windows(window, S, config)
-    credit = [_credit_distance(w, config) for w in wins]
     sinks = min(config.sink_tokens, S)
-    fold = (torch.arange(R, device=dev) // config.block) % 2
-    cross = config.cross_check is not None and bool(fold.any()) and not bool(fold.all())
-    if cross:
-        # statistics per half; the whole sample's are their row-weighted mean
-        halves = [rows[fold == f] for f in (0, 1)]
-        stats = [window_statistics(q, k, r, wins, scale, v=v, credit=credit) for r in halves]
-        n0, n1 = halves[0].numel(), halves[1].numel()
-        scores = (stats[0][0] * n0 + stats[1][0] * n1) / R
-        band_mean = (stats[0][1].sum(-1) + stats[1][1].sum(-1)) / R  # (B, Hq, K)
+    vw = v if config.value_weighted else None
+
+    # two interleaved halves of the sampled blocks; the whole sample is their row-weighted mean
+    half = (torch.arange(R, device=dev) // config.block) % 2
+    check = config.error_ratio is not None and bool(half.any()) and not bool(half.all())
+    if check:
+        parts = [rows[half == f] for f in (0, 1)]
+        stats = [window_statistics(q, k, r, wins, scale, v=vw) for r in parts]
+        scores = sum(s * r.numel() for (s, _), r in zip(stats, parts)) / R
+        band_mean = sum(bm.sum(-1) for _, bm in stats) / R
     else:
-        scores, band = window_statistics(q, k, rows, wins, scale, v=v, credit=credit)
+        scores, band = window_statistics(q, k, rows, wins, scale, v=vw)
         band_mean = band.mean(-1)
 
-    best_cost = torch.full((B, Hq), math.inf, dtype=torch.float64, device=dev)
-    best_w = torch.full((B, Hq), wins[0], dtype=torch.int64, device=dev)
-    best_c = torch.full((B, Hq), credit[0], dtype=torch.int64, device=dev)
-    best_rank = torch.zeros(B, Hq, S, dtype=torch.int64, device=dev)
-    best_count = torch.zeros(B, Hq, dtype=torch.int64, device=dev)
-    for t, w in enumerate(wins):
-        limit = max(0, S - w)
-        target = torch.full((B, Hq), alpha, dtype=torch.float64, device=dev)
-        if cross:
-            gaps = [
-                _overfit_gap(stats[f][0][:, :, t], stats[f][1][:, :, t], stats[1 - f][0][:, :, t],
-                             stats[1 - f][1][:, :, t], alpha, w, S, config.order, sinks, limit)
-                for f in (0, 1)
-            ]
-            gap = torch.maximum(*gaps) if config.cross_check == "max" else (gaps[0] + gaps[1]) / 2
-            target = (target + gap).clamp(max=1.0)
-        ranked = _rank(scores[:, :, t], w, S, config.order, sinks)
-        need = target - band_mean[:, :, t].to(torch.float64)
-        count = _count_for_mean(scores[:, :, t], ranked, need, limit)
-        count = torch.where(target >= 1.0, torch.full_like(count, limit), count)
-        count = count.clamp(min=min(sinks, limit))
-        cost = _kept_entries(ranked, count, torch.full_like(best_w, w), S)
-        better = cost < best_cost
-        best_cost = torch.where(better, cost, best_cost)
-        best_w = torch.where(better, torch.full_like(best_w, w), best_w)
-        best_c = torch.where(better, torch.full_like(best_c, credit[t]), best_c)
-        best_count = torch.where(better, count, best_count)
-        best_rank = torch.where(better[..., None], ranked, best_rank)
-
-    if config.row_quantile is not None:
-        qcount = _row_quantile_counts(
-            q, k, v, rows, best_w, best_c, best_rank, alpha, config.row_quantile, scale
-        )
-        limit = (S - best_w).clamp(min=0)
-        best_count = torch.maximum(best_count, torch.minimum(qcount, limit))
-        best_cost = _kept_entries(best_rank, best_count, best_w, S)
-
+    out_w = torch.full((B, Hq), S, dtype=torch.int64, device=dev)
+    out_rank = torch.zeros(B, Hq, S, dtype=torch.int64, device=dev)
+    out_count = torch.zeros(B, Hq, dtype=torch.int64, device=dev)
+    open_ = torch.ones(B, Hq, dtype=torch.bool, device=dev)
+    levels = [1.0 - (1.0 - alpha) / 2**i for i in range(max(1, config.alpha_levels))]
     causal = S * (S + 1) / 2
-    dense = best_cost / causal > config.dense_above
-    window_out = torch.where(dense, torch.full_like(best_w, S), best_w)
-    count = torch.where(dense, torch.zeros_like(best_count), best_count)
-    C = int(count.max()) if count.numel() else 0
-    taken = best_rank[..., :C]
-    valid = torch.arange(C, device=dev) < count[..., None]
+    for a in levels:
+        w, t, ranked, count, cost = _pick(scores, band_mean, wins, a, S, sinks)
+        ok = cost / causal <= config.dense_above
+        if check:
+            # choose on one half with the head's window, measure the output error on the other
+            err2 = torch.zeros(B, Hq, dtype=torch.float64, device=dev)
+            out2 = torch.zeros_like(err2)
+            for f in (0, 1):
+                fs = stats[f][0].gather(2, t[:, :, None, None].expand(-1, -1, 1, S))[:, :, 0]
+                fb = stats[f][1].mean(-1).gather(2, t[..., None])[..., 0]
+                franked = _rank(fs, w, S, sinks)
+                fcount = _count(fs, franked, a - fb.to(torch.float64), (S - w).clamp(min=0), sinks)
+                e, o = held_out_error(q, k, v, parts[1 - f], w, _marks(franked, fcount), scale)
+                err2 += e
+                out2 += o
+            ok &= (err2 / out2.clamp_min(1e-30)).sqrt() <= config.error_ratio * (1.0 - alpha)
+        take = open_ & ok
+        out_w = torch.where(take, w, out_w)
+        out_rank = torch.where(take[..., None], ranked, out_rank)
+        out_count = torch.where(take, count, out_count)
+        open_ &= ~take
+        if not bool(open_.any()):
+            break
+
+    C = int(out_count.max()) if out_count.numel() else 0
+    taken = out_rank[..., :C]
+    valid = torch.arange(C, device=dev) < out_count[..., None]
     cols = torch.where(valid, taken, torch.full_like(taken, S)).sort(-1).values
     return Selection(
-        window=window_out.to(torch.int32), cols=cols.to(torch.int32), ncols=count.to(torch.int32), seq_len=S
+        window=out_w.clamp(max=S).to(torch.int32), cols=cols.to(torch.int32), ncols=out_count.to(torch.int32), seq_len=S
     )
 
 
@@ -382,13 +348,12 @@ def select_literal(
             kf = k[b, g].float()
             for c0 in range(0, rows.numel(), chunk):
                 r = rows[c0 : c0 + chunk]
-                p = _row_weights(q[b, heads], kf, None, r, scale)
+                p = _row_probs(q[b, heads], kf, r, scale)
                 total[b, heads, : p.shape[-1]] += p.sum(1)
     w = fraction_to_tokens(window, S)
     ranked, order = torch.sort(total.to(torch.float64), dim=-1, descending=True, stable=True)
     csum = ranked.cumsum(-1)
-    target = alpha * csum[..., -1:]
-    count = ((csum < target).sum(-1) + 1).clamp(max=S)
+    count = ((csum < alpha * csum[..., -1:]).sum(-1) + 1).clamp(max=S)
     C = int(count.max())
     taken = order[..., :C]
     valid = torch.arange(C, device=dev) < count[..., None]

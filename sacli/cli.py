@@ -182,7 +182,7 @@ def ask(
     ] = None,
     dense_below: Annotated[
         Optional[int],
-        typer.Option("--dense-below", help=f"Dense prefill below this many tokens (default: {_DEFAULTS.dense_below})"),
+        typer.Option("--dense-below", help="Dense prefill below this many tokens; -1: the measured crossover for the device (default)"),
     ] = None,
     dense: Annotated[
         Optional[bool], typer.Option("--dense/--sparse", help="Dense attention in the prefill (for comparison)")

@@ -40,8 +40,9 @@ class Settings:
     window: float = 0.05
     # SampleAttention: fraction of query rows sampled to score columns
     sample_ratio: float = 0.05
-    # prefill shorter than this many tokens uses dense attention (sparse does not pay off)
-    dense_below: int = 2048
+    # prefill shorter than this many tokens uses dense attention (sparse does not pay off);
+    # negative: automatic, the measured crossover for the device and the model's head shape
+    dense_below: int = -1
     # always use dense attention (for comparison)
     dense: bool = False
     # "none" refuses prompts over the trained context; "yarn" extends it by YaRN RoPE scaling

@@ -6,6 +6,7 @@ Results go to stdout (a table, or one JSON object with --json); progress notes g
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -143,7 +144,8 @@ def fidelity(
     console = _console()
     notify = lambda m: render.message(console, m)  # noqa: E731
     body = ev.read_text(text)
-    cache = ev.ModelCache(settings, notify)
+    # nothing is generated: only the prompt must fit the context
+    cache = ev.ModelCache(replace(settings, max_new_tokens=1), notify)
     runs: list[dict[str, Any]] = []
     header: dict[str, Any] = {}
     inputs = {S: ev.text_tokens(cache.tokenizer, body, S, source=str(text)) for S in lens}
@@ -217,7 +219,7 @@ def ppl(
     console = _console()
     notify = lambda m: render.message(console, m)  # noqa: E731
     body = ev.read_text(text)
-    cache = ev.ModelCache(settings, notify)
+    cache = ev.ModelCache(replace(settings, max_new_tokens=1), notify)
     rows = []
     header: dict[str, Any] = {}
     inputs = {S: ev.text_tokens(cache.tokenizer, body, S, source=str(text)) for S in lens}
@@ -251,7 +253,7 @@ def niah(
     lengths: LengthsOpt = "2K,4K,8K",
     depths: Annotated[str, typer.Option("--depths", help="Needle depths in [0, 1], comma-separated")] = "0,0.25,0.5,0.75,1",
     rule: Annotated[str, typer.Option("--rule", help="Selection rule: product, literal, residual, adaptive")] = "product",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most answer tokens")] = 16,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most answer tokens")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the needle numbers")] = 0,
     model: ModelOpt = None,
     alpha: AlphaOpt = None,

@@ -10,9 +10,17 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
+import os
+
 import pytest
+import torch
 
 from sacli.config import Settings
+
+# Triton reads this flag when triton.language is first imported, so it must be set before any test
+# module imports triton: on a machine without CUDA the kernels run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_CONTEXT = 512
 TINY_TEMPLATE = (

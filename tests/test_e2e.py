@@ -52,7 +52,11 @@ def test_pull_then_answer_from_a_document(user_env: dict[str, str]) -> None:
     assert listed.returncode == 0, listed.stderr
     assert [m["name"] for m in json.loads(listed.stdout)] == ["smollm2-135m-instruct"]
 
-    result = sacli("ask", str(FIXTURE), QUESTION, "--json", "--max-new-tokens", "48", env=user_env, timeout=1800)
+    # --dense-below 0: the sparse prefill path, which automatic routing leaves to dense on a CPU
+    result = sacli(
+        "ask", str(FIXTURE), QUESTION, "--json", "--max-new-tokens", "48", "--dense-below", "0",
+        env=user_env, timeout=1800,
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     data = json.loads(result.stdout)
@@ -62,7 +66,7 @@ def test_pull_then_answer_from_a_document(user_env: dict[str, str]) -> None:
     assert data["documents"] == [{"path": str(FIXTURE), "tokens": data["documents"][0]["tokens"]}]
     assert data["documents"][0]["tokens"] > 3000
     assert 0 < data["new_tokens"] <= 48
-    assert data["attention"] == "sparse"  # the prompt is longer than dense_below (2048)
+    assert data["attention"] == "sparse"
     assert 0.0 < data["sparsity"] < 1.0
     assert len(data["layers"]) == 30
     assert all(layer["ms"] > 0 and 0.0 < layer["density"] <= 1.0 for layer in data["layers"])
