@@ -18,6 +18,7 @@ import torch
 
 from . import backend as _backend
 from .reference import check_qkv, dense_attention
+from .rules import select_adaptive
 from .selection import Selection, fraction_to_tokens, sample_rows, select_columns
 
 
@@ -76,6 +77,7 @@ def sample_attention(
     scale: float | None = None,
     dense_below: int | None = 0,
     backend: str | None = None,
+    rule: str = "sample",
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Causal SampleAttention for a prefill.
 
@@ -87,6 +89,10 @@ def sample_attention(
     dense_below: sequences shorter than this use exact attention (routed "dense_short");
         None or negative: the measured crossover for the device and head shape (crossover_tokens).
     backend: "torch", "triton", "auto" or None (see kernels/backend.py).
+    rule: "sample", the paper's two-stage filtering with residual-aware column scores (stage 1 on
+        the chosen backend); or "adaptive", kernels/rules.select_adaptive: per-head windows,
+        value-weighted scores, held-out error checks and a dense fallback per head (more faithful,
+        denser; its stage 1 is PyTorch on every backend).
     Returns out (B, Hq, S, D) in q's dtype, and AttentionStats.
     """
     _, _, _, S, D = check_qkv(q, k, v)
@@ -102,10 +108,14 @@ def sample_attention(
     if S < dense_below:
         return dense_attention(q, k, v, scale), AttentionStats.dense(q, routed="dense_short")
 
-    window_tokens = fraction_to_tokens(window, S)
-    rows = sample_rows(S, sample_ratio).to(q.device)
-    scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=backend)
-    sel = select_columns(scores, window_mass, alpha, window_tokens, S)
+    if rule == "adaptive":
+        sel = select_adaptive(q, k, v, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
+    else:
+        assert rule == "sample", f"rule must be 'sample' or 'adaptive', got {rule!r}"
+        window_tokens = fraction_to_tokens(window, S)
+        rows = sample_rows(S, sample_ratio).to(q.device)
+        scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=backend)
+        sel = select_columns(scores, window_mass, alpha, window_tokens, S)
     out = _backend.sparse_attention(q, k, v, sel, scale, backend=backend)
     density = sel.density().to(torch.float32)
     return out, AttentionStats(routed="sparse", density=density, selection=sel)

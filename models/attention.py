@@ -189,6 +189,7 @@ def sample_attention_forward(
             sample_ratio=s.sample_ratio,
             scale=scaling,
             dense_below=s.dense_below,
+            rule=s.rule,
         )
         routed, stats_density = stats.routed, stats.density
 

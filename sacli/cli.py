@@ -184,6 +184,10 @@ def ask(
         Optional[int],
         typer.Option("--dense-below", help="Dense prefill below this many tokens; -1: the measured crossover for the device (default)"),
     ] = None,
+    rule: Annotated[
+        Optional[str],
+        typer.Option("--rule", help=f"SampleAttention selection: sample or adaptive (default: {_DEFAULTS.rule})"),
+    ] = None,
     dense: Annotated[
         Optional[bool], typer.Option("--dense/--sparse", help="Dense attention in the prefill (for comparison)")
     ] = None,
@@ -232,6 +236,7 @@ def ask(
         window=window,
         sample_ratio=sample_ratio,
         dense_below=dense_below,
+        rule=rule,
         dense=dense,
         rope_scale=rope_scale,
         device=device,

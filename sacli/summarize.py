@@ -147,6 +147,7 @@ def fingerprint(settings: Settings, options: JobOptions) -> tuple[dict[str, Any]
             window=settings.window,
             sample_ratio=settings.sample_ratio,
             dense_below=settings.dense_below,
+            rule=settings.rule,
         )
     canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return values, hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

@@ -286,3 +286,23 @@ def test_missing_triton_module_is_a_clear_error(monkeypatch: pytest.MonkeyPatch)
         sparse_attention(q, k, v, sel, 0.125, backend="triton")
     with pytest.raises(KernelBackendError, match="triton_sampling"):
         column_scores(q, k, sample_rows(64, 0.5), 8, 0.125, backend="triton")
+
+
+def test_sample_attention_adaptive_rule_matches_sparse_reference_on_its_selection() -> None:
+    """rule="adaptive" routes through rules.select_adaptive and then the same exact sparse stage."""
+    from sacli.kernels import sample_attention
+    from sacli.kernels.reference import sparse_attention as sparse_ref
+    from sacli.kernels.rules import select_adaptive
+
+    torch.manual_seed(7)
+    q = torch.randn(1, 6, 300, 64)
+    k = torch.randn(1, 2, 300, 64)
+    v = torch.randn(1, 2, 300, 64)
+    out, stats = sample_attention(
+        q, k, v, alpha=0.9, window=0.1, sample_ratio=0.2, scale=0.125, rule="adaptive", backend="torch"
+    )
+    sel = select_adaptive(q, k, v, alpha=0.9, window=0.1, sample_ratio=0.2, scale=0.125)
+    assert stats.routed == "sparse"
+    assert torch.equal(stats.selection.window, sel.window) and torch.equal(stats.selection.cols, sel.cols)
+    torch.testing.assert_close(out, sparse_ref(q, k, v, sel, 0.125), rtol=1e-5, atol=1e-5)
+    assert 0.0 < stats.mean_density <= 1.0
