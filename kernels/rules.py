@@ -3,16 +3,16 @@
 The rule of the paper (`selection.select_columns`) gives every head one window and keeps the
 fewest key columns whose mean sampled score reaches alpha. `select_adaptive` keeps the knobs'
 meaning (alpha: share of the sampled queries' attention the kept entries must reach; window: the
-local window as a fraction of S, the largest a head may get; sample_ratio: share of query rows
-sampled) and adapts to each head and input:
+local window as a fraction of S, around which each head picks its own; sample_ratio: share of
+query rows sampled) and adapts to each head and input:
 
 - value-weighted attention: a key's attention is weighed by the norm of its value vector, i.e.
   by what it adds to the output. "Sink" keys (the first token, punctuation) take most of the
   probability of many heads but carry near-zero values; alpha then applies to the attention that
   actually forms the output instead of being met by the sink alone;
-- window per head: each candidate window (window, window/2, ... down to `min_window_tokens`)
-  gets its own residual column scores (the attention its band leaves) and the head takes the
-  candidate that keeps the fewest entries;
+- window per head: each candidate window (4 x window, 2 x window, window, window / 2, ... down to
+  `min_window_tokens`) gets its own residual column scores (the attention its band leaves) and
+  the head takes the candidate that keeps the fewest entries;
 - sampled rows in short blocks (`block` rows) spread evenly over the sequence, tail included:
   more, smaller blocks see more of the sequence's distinct contexts for the same sample_ratio;
 - sink columns: the first `sink_tokens` keys are always kept;
@@ -46,7 +46,9 @@ _CHUNK_ELEMS = 1 << 25
 class RuleConfig:
     """Tuning of `select_adaptive` (defaults chosen from the measured trade-off; docs/FIDELITY.md)."""
 
-    # candidate windows: window * 2**-i for i < window_levels, none below min_window_tokens
+    # candidate windows: window * 2**(window_up - i) for i < window_levels (capped at S), none
+    # below min_window_tokens: with window 0.05, 20% 10% 5% 2.5% ... 0.3% of S
+    window_up: int = 2
     window_levels: int = 7
     min_window_tokens: int = 64
     # rows per sampled block
@@ -69,10 +71,12 @@ DEFAULT_RULE = RuleConfig()
 
 def candidate_windows(window: float, seq_len: int, config: RuleConfig) -> list[int]:
     """Candidate window sizes in tokens, largest first, unique, each in [1, S]."""
-    top = fraction_to_tokens(window, seq_len)
+    base = fraction_to_tokens(window, seq_len)
     out: list[int] = []
     for i in range(max(1, config.window_levels)):
-        w = max(min(top, config.min_window_tokens), math.ceil(top / 2**i))
+        e = config.window_up - i
+        w = min(seq_len, base * 2**e) if e >= 0 else math.ceil(base / 2**-e)
+        w = max(w, min(base, config.min_window_tokens))
         if w not in out:
             out.append(w)
     return out

@@ -36,7 +36,7 @@ SampleOpt = Annotated[
     Optional[float], typer.Option("--sample-ratio", help=f"Share of query rows sampled [default: {_DEFAULTS.sample_ratio}]")
 ]
 DenseBelowOpt = Annotated[
-    Optional[int], typer.Option("--dense-below", help=f"Dense prefill below this many tokens [default: {_DEFAULTS.dense_below}]")
+    Optional[int], typer.Option("--dense-below", help="Dense prefill below this many tokens; -1 automatic [default: 0]")
 ]
 RopeOpt = Annotated[
     Optional[str], typer.Option("--rope-scale", help="Past the trained context: none (refuse) or yarn [default: none]")
@@ -57,6 +57,10 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on
 
 
 def _settings(**overrides: Any) -> Settings:
+    # measuring sparse against dense needs the sparse path at every length: unless asked
+    # otherwise, no automatic dense routing of short prompts
+    if overrides.get("dense_below") is None:
+        overrides["dense_below"] = 0
     return load_settings(overrides)
 
 

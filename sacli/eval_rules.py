@@ -2,7 +2,8 @@
 
 A rule maps one layer's prefill (q, k, v, scale) and the SampleAttention knobs to a Selection:
 
-- "product":  whatever `sacli.kernels.sample_attention` selects (what `sacli ask` runs);
+- "product":  whatever `sacli.kernels.sample_attention` selects with the settings' rule (what
+              `sacli ask` runs);
 - "literal":  the paper's first rule: window of `window` * S, every 20th query row sampled,
               columns by summed sampled attention (band included) until alpha of the total;
 - "residual": one window, 64-row sampled blocks spread over the sequence, columns scored by the
@@ -58,7 +59,8 @@ def _product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s:
     from sacli.kernels import Selection, sample_attention
 
     _, stats = sample_attention(
-        q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale, dense_below=s.dense_below
+        q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale,
+        dense_below=s.dense_below, rule=s.rule,
     )
     if stats.selection is not None:
         return stats.selection
@@ -100,7 +102,7 @@ def _register(select: Selector, dense_below: int, densities: list[torch.Tensor])
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         S = query.shape[2]
         plain = attention_mask is None and S > 1 and key.shape[2] == S and dropout == 0.0
-        if not plain or S < dense_below:
+        if not plain or 0 <= S < dense_below:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )

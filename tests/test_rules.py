@@ -19,6 +19,7 @@ from sacli.kernels.rules import (
 from sacli.kernels.selection import Selection
 
 PAPER_LIKE = RuleConfig(
+    window_up=0,
     window_levels=1, block=64, sink_tokens=0, value_weighted=False, error_ratio=None, alpha_levels=1, dense_above=1.0
 )
 
@@ -169,10 +170,13 @@ def test_dense_fallback_and_sinks() -> None:
 
 
 def test_candidate_windows() -> None:
-    cfg = RuleConfig(window_levels=4, min_window_tokens=64)
+    cfg = RuleConfig(window_up=0, window_levels=4, min_window_tokens=64)
     assert candidate_windows(0.08, 8192, cfg) == [656, 328, 164, 82]
     assert candidate_windows(0.08, 1000, cfg) == [80, 64]
     assert candidate_windows(0.01, 100, cfg) == [1]
+    up = RuleConfig(window_up=2, window_levels=7, min_window_tokens=64)
+    assert candidate_windows(0.05, 8192, up) == [1640, 820, 410, 205, 103, 64]
+    assert candidate_windows(0.5, 100, up) == [100, 50]
 
 
 def test_literal_rule() -> None:

@@ -42,7 +42,7 @@ def variants(alphas: list[float], window: float, sample_ratio: float) -> dict[st
     ablations = {
         "no value weighting": {"value_weighted": False},
         "no held-out check": {"error_ratio": None},
-        "one window": {"window_levels": 1},
+        "one window": {"window_up": 0, "window_levels": 1},
         "64-row blocks": {"block": 64},
     }
     for name, change in ablations.items():
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--rope-scale", default="yarn")
     ap.add_argument("--layers", default=None, help="e.g. 0-29 (default all)")
     ap.add_argument("--alphas", default="0.9,0.93,0.95,0.97")
-    ap.add_argument("--window", type=float, default=0.16, help="largest window of the adaptive rule")
+    ap.add_argument("--window", type=float, default=0.05, help="the window knob (adaptive: per-head choice around it)")
     ap.add_argument("--sample-ratio", type=float, default=0.05)
     ap.add_argument("--only", default=None, help="comma-separated families to run (default all)")
     ap.add_argument("--e2e", action="store_true", help="also perplexity / KL / top-1 of the last --last tokens")
