@@ -15,7 +15,7 @@
 #   ppl         sacli eval ppl at $PPL_LENGTHS
 #   niah        sacli eval niah on a small lengths x depths grid
 #   summarize   benchmarks/summarize_gpu.py: 20 documents of 16K tokens, dense vs sparse
-#   pack        tar every result under $OUT into $OUT/results.tar.gz (the reply carries few files)
+#   pack        tar every result under $OUT into $OUT/results.tar.gz (one archive to copy back)
 # Environment: OUT (results), LENGTHS (default 8K..128K), BENCH_TEXT (a long book),
 # FLEX_LENGTHS (lengths at which FlexAttention is timed; default all).
 set -uo pipefail
