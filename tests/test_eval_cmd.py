@@ -142,3 +142,21 @@ def test_bad_inputs_raise_domain_errors(tiny_model: Path, env: Path, tmp_path: P
     short.write_text("Too short.", encoding="utf-8")
     result = CliRunner().invoke(app, ["fidelity", str(short), "--model", str(tiny_model), "--lengths", "200"])
     assert isinstance(result.exception, InputError) and "tokens" in str(result.exception)
+
+
+def test_capture_is_transparent_and_restores(tiny_model: Path) -> None:
+    from sacli.config import Settings
+    from sacli.eval_capture import capture_attention
+    from sacli.models.loading import load_model
+
+    lm = load_model(tiny_model, Settings(device="cpu"), 64)
+    ids = torch.randint(0, 200, (1, 50))
+    before = lm.model.config._attn_implementation
+    seen: dict[int, tuple[int, ...]] = {}
+    with torch.inference_mode():
+        ref = lm.model(input_ids=ids).logits
+        with capture_attention(lm.model, lambda layer, q, k, v, s: seen.setdefault(layer, tuple(q.shape))):
+            got = lm.model(input_ids=ids).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert seen == {0: (1, 6, 50, 16), 1: (1, 6, 50, 16)}
+    assert lm.model.config._attn_implementation == before
