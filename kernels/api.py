@@ -113,7 +113,7 @@ def sample_attention(
     else:
         assert rule == "sample", f"rule must be 'sample' or 'adaptive', got {rule!r}"
         window_tokens = fraction_to_tokens(window, S)
-        rows = sample_rows(S, sample_ratio).to(q.device)
+        rows = sample_rows(S, sample_ratio, device=q.device)
         scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=backend)
         sel = select_columns(scores, window_mass, alpha, window_tokens, S)
     out = _backend.sparse_attention(q, k, v, sel, scale, backend=backend)

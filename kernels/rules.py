@@ -273,7 +273,7 @@ def select_adaptive(
     )
     assert 0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {alpha}"
     dev = q.device
-    rows = sample_rows(S, sample_ratio, config.block).to(dev)
+    rows = sample_rows(S, sample_ratio, config.block, device=dev)
     R = rows.numel()
     wins = candidate_windows(window, S, config)
     sinks = min(config.sink_tokens, S)

@@ -82,8 +82,11 @@ def fraction_to_tokens(fraction: float, seq_len: int) -> int:
     return max(1, min(seq_len, math.ceil(round(fraction * seq_len, 6))))
 
 
-def sample_rows(seq_len: int, sample_ratio: float, block: int = 64) -> torch.Tensor:
-    """Query rows sampled by stage 1: (R,) int64, sorted, unique, on the CPU.
+def sample_rows(
+    seq_len: int, sample_ratio: float, block: int = 64, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Query rows sampled by stage 1: (R,) int64, sorted, unique, built on `device` (default CPU)
+    so that no host-to-device copy (which waits for the device's queue) is needed.
 
     R = ceil(sample_ratio * seq_len) rounded up to whole blocks of `block` consecutive rows,
     clamped to seq_len (then every row is sampled). The blocks are spread evenly over the
@@ -96,19 +99,25 @@ def sample_rows(seq_len: int, sample_ratio: float, block: int = 64) -> torch.Ten
     n = fraction_to_tokens(sample_ratio, seq_len)
     n = -(-n // block) * block
     if n >= seq_len:
-        return torch.arange(seq_len, dtype=torch.int64)
+        return torch.arange(seq_len, dtype=torch.int64, device=device)
     nblocks = n // block
     if nblocks == 1:
-        starts = torch.tensor([seq_len - block], dtype=torch.int64)
+        starts = torch.full((1,), seq_len - block, dtype=torch.int64, device=device)
     else:
         # Spacing (S - block) / (nblocks - 1) >= block because nblocks * block <= S, and flooring
         # keeps consecutive starts at least floor(spacing) apart: blocks never overlap.
-        starts = torch.arange(nblocks, dtype=torch.int64) * (seq_len - block) // (nblocks - 1)
-    return (starts[:, None] + torch.arange(block, dtype=torch.int64)).reshape(-1)
+        starts = torch.arange(nblocks, dtype=torch.int64, device=device) * (seq_len - block) // (nblocks - 1)
+    return (starts[:, None] + torch.arange(block, dtype=torch.int64, device=device)).reshape(-1)
 
 
 def select_columns(
-    scores: torch.Tensor, window_mass: torch.Tensor, alpha: float, window_tokens: int, seq_len: int
+    scores: torch.Tensor,
+    window_mass: torch.Tensor,
+    alpha: float,
+    window_tokens: int,
+    seq_len: int,
+    *,
+    trim: bool | None = None,
 ) -> Selection:
     """Stage 2: per head, the fewest key columns whose score reaches the attention threshold.
 
@@ -122,8 +131,10 @@ def select_columns(
     mean(window_mass) + sum(scores[taken]) >= alpha. No column is taken when the window alone
     reaches alpha. Columns with zero score are never taken, nor are columns j >= S - window,
     which lie inside every row's band; if alpha is out of reach every remaining column is taken.
-    Returns a Selection whose cols (B, Hq, C) int32 are ascending and padded with S, where C is
-    the largest count over heads (possibly 0).
+    Returns a Selection whose cols (B, Hq, C) int32 are ascending and padded with S. With trim
+    (default: on the CPU) C is the largest count over heads (possibly 0); without it (default on
+    other devices) C = S, so that no count has to travel to the host: the whole stage stays
+    queued on the device, without a synchronization.
     """
     assert scores.dim() == 3, f"scores must be (B, Hq, S), got shape {tuple(scores.shape)}"
     B, H, S = scores.shape
@@ -137,19 +148,26 @@ def select_columns(
     w = min(window_tokens, S)
     window = torch.full((B, H), w, dtype=torch.int32, device=dev)
 
-    # float64 so the running sum does not drift over long rows of tiny scores.
-    s = scores.to(torch.float64, copy=True)
+    s = scores.to(torch.float32, copy=True)
     s[..., S - w :] = 0
     need = alpha - window_mass.to(torch.float64).mean(-1)  # (B, H)
     ranked, order = torch.sort(s, dim=-1, descending=True, stable=True)
-    reached = ranked.cumsum(-1)
+    # float64 so the running sum does not drift over long rows of tiny scores.
+    reached = ranked.to(torch.float64).cumsum(-1)
     # First position where the running sum reaches `need`; +1 turns it into a count.
     count = torch.searchsorted(reached, need[..., None].contiguous(), side="left")[..., 0] + 1
     count = torch.minimum(count, (s > 0).sum(-1))
     count = torch.where(need <= 0, torch.zeros_like(count), count)
 
-    C = int(count.max()) if count.numel() else 0
-    taken = order[..., :C]
-    valid = torch.arange(C, device=dev) < count[..., None]
-    cols = torch.where(valid, taken, torch.full_like(taken, S)).sort(-1).values
-    return Selection(window=window, cols=cols.to(torch.int32), ncols=count.to(torch.int32), seq_len=S)
+    # Mark the taken columns in column order, then compact them (ascending) by their running
+    # count; untaken columns go to a spare slot S that is cut off.
+    rank = torch.arange(S, device=dev)
+    keep = torch.empty((B, H, S), dtype=torch.bool, device=dev)
+    keep.scatter_(-1, order, (rank < count[..., None]))
+    dest = torch.where(keep, keep.cumsum(-1, dtype=torch.int64) - 1, S)
+    cols = torch.full((B, H, S + 1), S, dtype=torch.int32, device=dev)
+    cols.scatter_(-1, dest, rank.to(torch.int32).expand(B, H, S))
+    cols = cols[..., :S]
+    if trim if trim is not None else dev.type == "cpu":
+        cols = cols[..., : int(count.max()) if count.numel() else 0]
+    return Selection(window=window, cols=cols.contiguous(), ncols=count.to(torch.int32), seq_len=S)

@@ -6,9 +6,11 @@ For sampled rows r (sorted) and band width w, with p_r the exact causal softmax 
 The sampled score matrix never reaches global memory. Two passes, each one QK^T over the
 sampled entries:
 
-1. `_row_stats` (one program per chunk of sampled rows): online max / sum over every key
-   j <= r, plus the band's share, giving per row the log2 normaliser m + log2(l) and the
-   window mass.
+1. `_row_stats` (one program per chunk of sampled rows and split of the keys): online max /
+   sum over every key j <= r, plus the band's share, giving per row the log2 normaliser
+   m + log2(l) and the window mass. When the row chunks alone are too few to fill the GPU
+   (short sequences, few heads), the keys are split over several programs whose partial
+   (max, sum, band sum) the launcher merges exactly.
 2. `_col_scores` (one program per chunk of key columns, the chunk of K held in registers):
    loops over the sampled rows that see the chunk outside their band, recomputes the logits
    transposed (keys x rows) and adds the normalised probabilities elementwise; a single
@@ -21,6 +23,8 @@ at tiny shapes; the GPU configuration is checked by benchmarks/gpu_check.py on t
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -50,15 +54,16 @@ def _stats_update(m_i, l_i, qk, qk_scale):
 
 @triton.jit(do_not_specialize=["S_BUCKET"])
 def _row_stats(
-    Q, K, ROWS, BIAS, WMASS,
-    qk_scale, S, R, W, H_Q, GROUP, N_CHUNK,
+    Q, K, ROWS, BIAS, WMASS, PART,
+    qk_scale, S, R, W, H_Q, GROUP, N_CHUNK, KEYS_PER_SPLIT,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks,
     S_BUCKET,  # unused in the body: the autotuner's length key
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, PIPE: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, PIPE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     chunk = N_CHUNK - 1 - tl.program_id(1)  # rows are sorted: the longest rows first
+    split = tl.program_id(2)
     b = bh // H_Q
     h = bh % H_Q
     hk = h // GROUP
@@ -73,27 +78,31 @@ def _row_stats(
     r_min = tl.min(tl.where(i_ok, rows, S), 0)
     r_max = tl.max(rows, 0)
 
+    # This program's keys: [k_lo, k_hi), one split of KEYS_PER_SPLIT (a multiple of BLOCK_N,
+    # so tiles never straddle two splits) cut at the chunk's last row.
+    k_lo = split * KEYS_PER_SPLIT
+    k_hi = tl.minimum(k_lo + KEYS_PER_SPLIT, r_max + 1)
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_all = tl.zeros([BLOCK_R], dtype=tl.float32)
     l_band = tl.zeros([BLOCK_R], dtype=tl.float32)
-    # Keys j <= r_min - W are causal and outside the band for every row: no mask. The band
-    # mass stays 0 over them, so it needs no rescaling either.
-    n_clear = tl.maximum(r_min - W + 1, 0)
-    n_clear = (n_clear // BLOCK_N) * BLOCK_N
+    # Whole tiles of keys j <= r_min - W are causal and outside the band for every row: no mask.
+    # The band mass stays 0 over them, so it needs no rescaling either.
+    clear_end = (tl.maximum(r_min - W + 1, 0) // BLOCK_N) * BLOCK_N
+    clear_hi = tl.maximum(tl.minimum(clear_end, k_lo + KEYS_PER_SPLIT), k_lo)
     if PIPE:
         # Software-pipelined: the next tile's QK^T is issued before this tile's exp and sums.
-        if n_clear > 0:
-            qk = _logits(q, tl.load(k_base + offs_n[:, None] * s_ks + offs_d[None, :]), UPCAST, PREC)
-            for start in range(BLOCK_N, n_clear, BLOCK_N):
+        if clear_hi > k_lo:
+            qk = _logits(q, tl.load(k_base + (k_lo + offs_n)[:, None] * s_ks + offs_d[None, :]), UPCAST, PREC)
+            for start in range(k_lo + BLOCK_N, clear_hi, BLOCK_N):
                 qk_next = _logits(q, tl.load(k_base + (start + offs_n)[:, None] * s_ks + offs_d[None, :]), UPCAST, PREC)
                 m_i, l_all = _stats_update(m_i, l_all, qk, qk_scale)
                 qk = qk_next
             m_i, l_all = _stats_update(m_i, l_all, qk, qk_scale)
     else:
-        for start in range(0, n_clear, BLOCK_N):
+        for start in range(k_lo, clear_hi, BLOCK_N):
             k = tl.load(k_base + (start + offs_n)[:, None] * s_ks + offs_d[None, :])
             m_i, l_all = _stats_update(m_i, l_all, _logits(q, k, UPCAST, PREC), qk_scale)
-    for start in range(n_clear, r_max + 1, BLOCK_N):
+    for start in range(clear_hi, k_hi, BLOCK_N):
         offs_j = start + offs_n
         k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=(offs_j < S)[:, None], other=0.0)
         qk = _logits(q, k, UPCAST, PREC)
@@ -105,8 +114,17 @@ def _row_stats(
         l_all = l_all * alpha + tl.sum(p, 1)
         l_band = l_band * alpha + tl.sum(tl.where(in_band, p, 0.0), 1)
         m_i = m_new
-    tl.store(BIAS + bh * R + offs_i, m_i + tl.math.log2(l_all), mask=i_ok)
-    tl.store(WMASS + bh * R + offs_i, l_band / l_all, mask=i_ok)
+    if SPLIT:
+        # Partial statistics of this split, (3, B*Hq, n_split, R); the launcher combines them.
+        n_split = tl.num_programs(2)
+        part = PART + (bh * n_split + split) * R + offs_i
+        step = tl.num_programs(0) * n_split * R
+        tl.store(part, m_i, mask=i_ok)
+        tl.store(part + step, l_all, mask=i_ok)
+        tl.store(part + 2 * step, l_band, mask=i_ok)
+    else:
+        tl.store(BIAS + bh * R + offs_i, m_i + tl.math.log2(l_all), mask=i_ok)
+        tl.store(WMASS + bh * R + offs_i, l_band / l_all, mask=i_ok)
 
 
 @triton.jit(do_not_specialize=["S_BUCKET"])
@@ -205,12 +223,38 @@ DEFAULT_CONFIG: dict[str, int] = {
     "warps1": 4,
     "stages1": 3,
     "pipe1": 0,
+    "keys_per_split": 0,
     "cols_per_program": COLS_PER_PROGRAM,
     "rows_per_step": ROWS_PER_STEP,
     "warps2": 4,
     "stages2": 3,
     "pipe2": 0,
 }
+
+
+# Pass 1 splits each row chunk's keys over several programs when there are too few chunks to
+# fill the GPU (short sequences, few heads): at least this many programs per SM.
+_PROGRAMS_PER_SM = 4
+# Smallest split: shorter ones cost more in merging than they gain in parallelism.
+_MIN_KEYS_PER_SPLIT = 1024
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _keys_per_split(requested: int, programs: int, S: int, device: torch.device, interp: bool) -> int:
+    """Keys per pass-1 program (a multiple of 128, or of the interpreter's tile): `requested`
+    if > 0, else enough splits for _PROGRAMS_PER_SM programs per SM (S itself: no split)."""
+    unit = _INTERPRET_TILE if interp else 128
+    if requested > 0:
+        return -(-requested // unit) * unit
+    if interp or device.type != "cuda":
+        return -(-S // unit) * unit
+    target = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    n_split = max(1, min(-(-target // programs), S // _MIN_KEYS_PER_SPLIT))
+    return -(-(-(-S // n_split)) // unit) * unit
 
 
 def column_scores_triton(
@@ -232,7 +276,8 @@ def column_scores_triton(
     scale: softmax scale (> 0).
     out: optional (scores, window_mass) float32 contiguous tensors to write into.
     config: optional fixed launch config overriding DEFAULT_CONFIG's keys, instead of the
-        autotuned launches (benchmarks compare configs with it).
+        autotuned launches (benchmarks compare configs with it); keys_per_split > 0 fixes
+        pass 1's split of the keys (0: automatic, see _keys_per_split).
     Returns, float32 contiguous on q's device:
       scores (B, Hq, S): mean over sampled rows r of p_r[j] * [j <= r - w];
       window_mass (B, Hq, R): per sampled row, the softmax mass of its band.
@@ -273,18 +318,31 @@ def column_scores_triton(
     tuned = config is None and not interp
     s_bucket = max(S - 1, 1).bit_length()
     n_chunk = triton.cdiv(R, block_r1)
+    keys_per_split = _keys_per_split(cfg["keys_per_split"], B * Hq * n_chunk, S, q.device, interp)
+    n_split = triton.cdiv(S, keys_per_split)
+    part = torch.empty((3, B * Hq, n_split, R), dtype=torch.float32, device=q.device) if n_split > 1 else bias
     args1 = (
-        q, k, rows, bias, window_mass,
-        qk_scale, S, R, window_tokens, Hq, Hq // Hkv, n_chunk,
+        q, k, rows, bias, window_mass, part,
+        qk_scale, S, R, window_tokens, Hq, Hq // Hkv, n_chunk, keys_per_split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), s_bucket,
     )
+    grid1 = (B * Hq, n_chunk, n_split)
     if tuned:
-        _row_stats_tuned[(B * Hq, n_chunk)](*args1, HEAD_DIM=D, BLOCK_R=block_r1, UPCAST=upcast, PREC=precision)
+        _row_stats_tuned[grid1](*args1, HEAD_DIM=D, BLOCK_R=block_r1, UPCAST=upcast, PREC=precision, SPLIT=n_split > 1)
     else:
-        _row_stats[(B * Hq, n_chunk)](
+        _row_stats[grid1](
             *args1, HEAD_DIM=D, BLOCK_R=block_r1, BLOCK_N=block_n1, UPCAST=upcast, PREC=precision,
-            PIPE=bool(cfg["pipe1"]), **({} if interp else {"num_warps": cfg["warps1"], "num_stages": cfg["stages1"]}),
+            PIPE=bool(cfg["pipe1"]), SPLIT=n_split > 1,
+            **({} if interp else {"num_warps": cfg["warps1"], "num_stages": cfg["stages1"]}),
         )
+    if n_split > 1:
+        # Merge the splits' online-softmax states: rescale each to the common max.
+        m_part, l_part, band_part = part.view(3, B, Hq, n_split, R).unbind(0)
+        m_all = m_part.amax(2, keepdim=True)
+        f = torch.exp2(m_part - m_all)
+        l_sum = (l_part * f).sum(2)
+        torch.add(m_all[:, :, 0], torch.log2(l_sum), out=bias)
+        torch.div((band_part * f).sum(2), l_sum, out=window_mass)
 
     n_cblk = triton.cdiv(S, block_n2)
     j0 = torch.arange(n_cblk, device=q.device, dtype=torch.int32) * block_n2

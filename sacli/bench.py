@@ -239,7 +239,7 @@ def _time_stages(q: torch.Tensor, k: torch.Tensor, *, alpha: float, window: floa
 
     S = q.shape[2]
     w = fraction_to_tokens(window, S)
-    rows = sample_rows(S, sample_ratio).to(q.device)
+    rows = sample_rows(S, sample_ratio, device=q.device)
     sampling = time_ms(lambda: kb.column_scores(q, k, rows, w, scale))
     scores, mass = kb.column_scores(q, k, rows, w, scale)
     selection = time_ms(lambda: select_columns(scores, mass, alpha, w, S))
@@ -576,7 +576,7 @@ def bench_ttft_projection(
         else:
             S = query.shape[2]
             w = fraction_to_tokens(window, S)
-            rows = sample_rows(S, sample_ratio).to(query.device)
+            rows = sample_rows(S, sample_ratio, device=query.device)
             scores, mass = kb.column_scores(query, key, rows, w, scale)
             select_columns(scores, mass, alpha, w, S)  # its cost; the fixed selection replaces it
             out = kb.sparse_attention(query, key, value, state["sel"], scale)

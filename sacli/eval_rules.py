@@ -44,7 +44,7 @@ def _residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s
 
     S = q.shape[2]
     w = fraction_to_tokens(s.window, S)
-    rows = sample_rows(S, s.sample_ratio).to(q.device)
+    rows = sample_rows(S, s.sample_ratio, device=q.device)
     scores, window_mass = column_scores(q, k, rows, w, scale)
     return select_columns(scores, window_mass, s.alpha, w, S)
 

@@ -76,8 +76,8 @@ def _select_loop(scores: torch.Tensor, window_mass: torch.Tensor, alpha: float, 
     return result
 
 
-def _check_against_loop(sel: Selection, expected, B: int, H: int, S: int) -> None:
-    C = max((len(c) for _, c in expected), default=0)
+def _check_against_loop(sel: Selection, expected, B: int, H: int, S: int, width: int | None = None) -> None:
+    C = max((len(c) for _, c in expected), default=0) if width is None else width
     assert sel.seq_len == S
     assert sel.cols.shape == (B, H, C) and sel.cols.dtype == torch.int32
     assert sel.ncols.dtype == torch.int32 and sel.window.dtype == torch.int32
@@ -105,8 +105,12 @@ def test_select_columns_matches_loop_exactly(seq_len: int, alpha: float, window_
     scores = torch.randint(0, 8, (B, H, seq_len), generator=gen).float() / (8 * seq_len)
     scores[0, 1] = 0.0  # a head whose sampled rows put everything in the window
     window_mass = torch.randint(0, 64, (B, H, R), generator=gen).float() / 128
+    expected = _select_loop(scores, window_mass, alpha, window_tokens)
     sel = select_columns(scores, window_mass, alpha, window_tokens, seq_len)
-    _check_against_loop(sel, _select_loop(scores, window_mass, alpha, window_tokens), B, H, seq_len)
+    _check_against_loop(sel, expected, B, H, seq_len)
+    # the untrimmed layout (the default off the CPU): same columns, padding up to C = S
+    full = select_columns(scores, window_mass, alpha, window_tokens, seq_len, trim=False)
+    _check_against_loop(full, expected, B, H, seq_len, width=seq_len)
 
 
 def test_select_columns_minimal_prefix_on_continuous_scores() -> None:

@@ -185,15 +185,16 @@ SAMPLING_CASES = [
 
 @pytest.mark.parametrize("B,Hq,Hkv,S,D,dtype,w,ratio,block", SAMPLING_CASES)
 @pytest.mark.parametrize("pipe", [0, 1], ids=["plain", "pipelined"])
-def test_column_scores_match_reference(B, Hq, Hkv, S, D, dtype, w, ratio, block, pipe):
-    if pipe and S > 500:
-        pytest.skip("the pipelined loops are covered by the shorter cases")
+@pytest.mark.parametrize("split", [0, 32], ids=["whole", "split"])
+def test_column_scores_match_reference(B, Hq, Hkv, S, D, dtype, w, ratio, block, pipe, split):
+    if (pipe or split) and S > 500:
+        pytest.skip("the pipelined and split loops are covered by the shorter cases")
     q, k, _ = _qkv(B, Hq, Hkv, S, D, dtype, seed=S + w)
     rows = sample_rows(S, ratio, block=block).to(DEVICE)
     scale = D**-0.5
     R = rows.numel()
     out = (_poisoned((B, Hq, S), torch.float32), _poisoned((B, Hq, R), torch.float32))
-    scores, mass = column_scores_triton(q, k, rows, w, scale, out=out, config={"pipe1": pipe, "pipe2": pipe})
+    scores, mass = column_scores_triton(q, k, rows, w, scale, out=out, config={"pipe1": pipe, "pipe2": pipe, "keys_per_split": split})
     ref_scores, ref_mass = reference.column_scores(q, k, rows, w, scale)
     exact_scores, exact_mass = _column_scores_f64(q, k, rows, w, scale)
     for got, ref, exact, name in ((scores, ref_scores, exact_scores, "scores"), (mass, ref_mass, exact_mass, "window_mass")):
@@ -217,6 +218,20 @@ def test_selection_from_kernel_scores_matches_reference_selection():
     ref = select_columns(ref_scores, ref_mass, 0.9, w, S)
     assert int(ref.ncols.min()) > 0, "the case should select some columns"
     assert torch.equal(mine.ncols, ref.ncols) and torch.equal(mine.cols, ref.cols)
+
+
+def test_sparse_kernel_same_on_untrimmed_selection():
+    """Off the CPU, selections keep cols padded to S (no host sync); the kernel must not care."""
+    B, Hq, Hkv, S, D, w = 1, 3, 1, 150, 64, 12
+    q, k, v = _qkv(B, Hq, Hkv, S, D, torch.bfloat16, seed=21)
+    rows = sample_rows(S, 0.2, block=16, device=DEVICE)
+    scores, mass = reference.column_scores(q, k, rows, w, D**-0.5)
+    trimmed = select_columns(scores, mass, 0.8, w, S, trim=True)
+    full = select_columns(scores, mass, 0.8, w, S, trim=False)
+    assert full.cols.shape[-1] == S and trimmed.cols.shape[-1] < S, "the case should trim"
+    a = sparse_attention_triton(q, k, v, trimmed, D**-0.5)
+    b = sparse_attention_triton(q, k, v, full, D**-0.5, out=_poisoned((B, Hq, S, D), torch.bfloat16))
+    assert torch.equal(a, b), "padding changed the output"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
