@@ -27,6 +27,8 @@ from sacli.kernels import triton_sparse as tsp
 
 DEV = torch.device("cuda")
 SPARSE_CONFIGS = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tsp._CONFIGS]
+# candidate: the tuned config with the band's bulk loop warp-specialized
+SPARSE_CONFIGS.append({**tsp.FIXED_CONFIG, "WS": 1})
 SAMPLING_CONFIGS = [
     {},
     {"pipe1": 1, "pipe2": 1},
@@ -126,12 +128,14 @@ def time_sampling_passes(q, k, rows, w, scale, cfg):
     upcast, prec = False, "tf32"
     sb = max(S - 1, 1).bit_length()
 
+    keys = triton.cdiv(S, 128) * 128  # one split: the pass as the 8B shape runs it
+
     def p1():
-        ts._row_stats[(B * Hq, n_chunk)](
-            q, k, rows32, bias, mass, qk_scale, S, R, w, Hq, Hq // Hkv, n_chunk,
+        ts._row_stats[(B * Hq, n_chunk, 1)](
+            q, k, rows32, bias, mass, bias, qk_scale, S, R, w, Hq, Hq // Hkv, n_chunk, keys,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sb,
             HEAD_DIM=D, BLOCK_R=c["rows_per_program"], BLOCK_N=c["keys_per_tile"], UPCAST=upcast, PREC=prec,
-            PIPE=bool(c["pipe1"]), num_warps=c["warps1"], num_stages=c["stages1"])
+            PIPE=bool(c["pipe1"]), SPLIT=False, num_warps=c["warps1"], num_stages=c["stages1"])
 
     bn = c["cols_per_program"]
     n_cblk = triton.cdiv(S, bn)
@@ -172,7 +176,9 @@ def main(path: str, lengths: list[int]) -> int:
         failures += not r["ok"]
         report["sparse_checks"].append(r)
         print("sparse", r, flush=True)
-    sampling_runs = [((1, 8, 2, 4099, 128, 0.05, 0.05), None), ((2, 9, 3, 3000, 64, 0.1, 0.02), None)]
+    # the 9-head cases run pass 1 split over the keys (few row chunks), the others whole
+    sampling_runs = [((1, 8, 2, 4099, 128, 0.05, 0.05), None), ((2, 9, 3, 3000, 64, 0.1, 0.02), None),
+                     ((1, 9, 3, 16384, 64, 0.05, 0.05), None)]
     sampling_runs += [((1, 32, 8, 8192, 128, 0.05, 0.05), cfg) for cfg in [None] + ([] if light else SAMPLING_CONFIGS)]
     for case, cfg in sampling_runs:
         try:
@@ -183,6 +189,22 @@ def main(path: str, lengths: list[int]) -> int:
         report["sampling_checks"].append(r)
         print("sampling", r, flush=True)
     save()
+
+    for S in (16384, 32768) if lengths else ():
+        # the default model's shape (9 x 64, 3 KV heads): pass 1 split vs whole, and stage 2
+        g = torch.Generator(device=DEV).manual_seed(S)
+        q = torch.randn(1, 9, S, 64, device=DEV, generator=g).to(torch.bfloat16)
+        k = torch.randn(1, 3, S, 64, device=DEV, generator=g).to(torch.bfloat16)
+        rows = sample_rows(S, 0.05, device=DEV)
+        w = fraction_to_tokens(0.05, S)
+        entry = {"kind": "sampling_small", "S": S}
+        for name, cfg in (("split_auto", {"keys_per_split": 0}), ("whole", {"keys_per_split": S})):
+            entry[f"{name}_ms"] = time_ms(lambda: ts.column_scores_triton(q, k, rows, w, 0.125, config=cfg))
+        scores, mass = ts.column_scores_triton(q, k, rows, w, 0.125)
+        from sacli.kernels.selection import select_columns
+        entry["selection_ms"] = time_ms(lambda: select_columns(scores, mass, 0.95, w, S))
+        report["timing"].append(entry)
+        print(entry, flush=True)
 
     for S in lengths:
         g = torch.Generator(device=DEV).manual_seed(S)
