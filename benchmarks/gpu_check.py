@@ -188,9 +188,28 @@ def main(path: str, lengths: list[int]) -> int:
         failures += not r["ok"]
         report["sampling_checks"].append(r)
         print("sampling", r, flush=True)
+    # CUDA graph replay of the whole pipeline == the eager pipeline, on fresh inputs each call
+    try:
+        from sacli.kernels import graphs, sample_attention
+
+        graphs.clear()
+        g = torch.Generator(device=DEV).manual_seed(5)
+        kw = dict(alpha=0.95, window=0.05, sample_ratio=0.05, dense_below=0, backend="triton")
+        same = True
+        for _ in range(4):
+            q, k, v = (torch.randn(1, h, 8192, 64, device=DEV, generator=g).to(torch.bfloat16) for h in (9, 3, 3))
+            a, sa = sample_attention(q, k, v, graphs=True, **kw)
+            b, sb = sample_attention(q, k, v, graphs=False, **kw)
+            same &= bool(torch.equal(a, b) and torch.equal(sa.selection.cols, sb.selection.cols))
+        r = {"ok": same and graphs.status()[0]["graph"], "status": graphs.status()}
+    except Exception:
+        r = {"ok": False, "error": traceback.format_exc()[-800:]}
+    failures += not r["ok"]
+    report["graph_check"] = r
+    print("graphs", r, flush=True)
     save()
 
-    for S in (16384, 32768) if lengths else ():
+    for S in (16384, 32768):
         # the default model's shape (9 x 64, 3 KV heads): pass 1 split vs whole, and stage 2
         g = torch.Generator(device=DEV).manual_seed(S)
         q = torch.randn(1, 9, S, 64, device=DEV, generator=g).to(torch.bfloat16)
@@ -203,6 +222,12 @@ def main(path: str, lengths: list[int]) -> int:
         scores, mass = ts.column_scores_triton(q, k, rows, w, 0.125)
         from sacli.kernels.selection import select_columns
         entry["selection_ms"] = time_ms(lambda: select_columns(scores, mass, 0.95, w, S))
+        v = torch.randn(1, 3, S, 64, device=DEV, generator=g).to(torch.bfloat16)
+        from sacli.kernels import sample_attention
+
+        for name, flag in (("pipeline_eager_ms", False), ("pipeline_graph_ms", True)):
+            entry[name] = time_ms(lambda: sample_attention(q, k, v, alpha=0.95, window=0.05, sample_ratio=0.05,
+                                                           scale=0.125, dense_below=0, graphs=flag))
         report["timing"].append(entry)
         print(entry, flush=True)
 

@@ -10,6 +10,7 @@
 #   pull        sacli pull /tmp/model.gguf (imports the default model)
 #   model       sacli bench attention --workload model on $BENCH_TEXT
 #   ttft        sacli bench ttft (default model) on $BENCH_TEXT
+#   ttft_forced the same with sparse attention at every length (locates the crossover)
 #   projection  sacli bench ttft --shape llama-8b with the densities measured by `model`
 #   fidelity    sacli eval fidelity at $EVAL_LENGTHS (YaRN past 8K), product rule vs literal/residual
 #   ppl         sacli eval ppl at $PPL_LENGTHS
@@ -53,6 +54,10 @@ for stage in "$@"; do
         --no-flex --out "$OUT/attention_model.json" ;;
     ttft)
       run python3 -m sacli.bench ttft --text "$BENCH_TEXT" --lengths "$LENGTHS" --out "$OUT/ttft_default.json" ;;
+    ttft_forced)
+      # sparse at every length (dense_below 0): where the automatic crossover should lie
+      run env SACLI_DENSE_BELOW=0 python3 -m sacli.bench ttft --text "$BENCH_TEXT" --lengths "${TTFT_LENGTHS:-$LENGTHS}" \
+        --out "$OUT/ttft_default_forced.json" ;;
     projection)
       run python3 -m sacli.bench ttft --shape llama-8b --lengths "${PROJ_LENGTHS:-$LENGTHS}" --repeats 2 \
         --densities-from "$OUT/attention_model.json" --out "$OUT/ttft_llama8b.json" ;;

@@ -11,12 +11,14 @@ Stages 1 and 3 run on the backend chosen by `backend.choose_backend`; stage 2 is
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from . import backend as _backend
+from . import graphs as _graphs
 from .reference import check_qkv, dense_attention
 from .rules import select_adaptive
 from .selection import Selection, fraction_to_tokens, sample_rows, select_columns
@@ -55,6 +57,7 @@ class AttentionStats:
 # was slower than SDPA at 4K and 8K tokens with the default model (benchmarks/cpu_ttft.json), so
 # on the CPU automatic routing always chooses dense; dense_below=0 forces the sparse path.
 _CUDA_CROSSOVER_AT_4096 = 16384
+GRAPHS_ENV = "SACLI_CUDA_GRAPHS"
 CPU_CROSSOVER = sys.maxsize
 
 
@@ -78,6 +81,7 @@ def sample_attention(
     dense_below: int | None = 0,
     backend: str | None = None,
     rule: str = "sample",
+    graphs: bool | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Causal SampleAttention for a prefill.
 
@@ -93,6 +97,9 @@ def sample_attention(
         the chosen backend); or "adaptive", kernels/rules.select_adaptive: per-head windows,
         value-weighted scores, held-out error checks and a dense fallback per head (more faithful,
         denser; its stage 1 is PyTorch on every backend).
+    graphs: replay the pipeline as a CUDA graph from the second call of a shape on (kernels/
+        graphs.py); None: on for the "sample" rule on the Triton backend with CUDA tensors,
+        unless the environment sets SACLI_CUDA_GRAPHS=0.
     Returns out (B, Hq, S, D) in q's dtype, and AttentionStats.
     """
     _, _, _, S, D = check_qkv(q, k, v)
@@ -110,12 +117,25 @@ def sample_attention(
 
     if rule == "adaptive":
         sel = select_adaptive(q, k, v, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
-    else:
-        assert rule == "sample", f"rule must be 'sample' or 'adaptive', got {rule!r}"
+        out = _backend.sparse_attention(q, k, v, sel, scale, backend=backend)
+        return out, AttentionStats(routed="sparse", density=sel.density().to(torch.float32), selection=sel)
+    assert rule == "sample", f"rule must be 'sample' or 'adaptive', got {rule!r}"
+    name = _backend.choose_backend(backend, q, k, v)
+
+    def pipeline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         window_tokens = fraction_to_tokens(window, S)
         rows = sample_rows(S, sample_ratio, device=q.device)
-        scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=backend)
+        scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=name)
         sel = select_columns(scores, window_mass, alpha, window_tokens, S)
-    out = _backend.sparse_attention(q, k, v, sel, scale, backend=backend)
-    density = sel.density().to(torch.float32)
+        out = _backend.sparse_attention(q, k, v, sel, scale, backend=name)
+        return out, sel.density().to(torch.float32), sel.window, sel.cols, sel.ncols
+
+    if graphs is None:
+        graphs = name == "triton" and q.is_cuda and os.environ.get(GRAPHS_ENV, "1").strip() != "0"
+    if graphs:
+        key = ("sample", alpha, window, sample_ratio, float(scale), name)
+        out, density, win, cols, ncols = _graphs.run_graphed(key, q, k, v, pipeline)
+    else:
+        out, density, win, cols, ncols = pipeline(q, k, v)
+    sel = Selection(window=win, cols=cols, ncols=ncols, seq_len=S)
     return out, AttentionStats(routed="sparse", density=density, selection=sel)

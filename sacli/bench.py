@@ -433,6 +433,9 @@ def bench_model(
             row["end_to_end_ms"] = time_ms(
                 lambda: sample_attention(q, k, v, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
             )
+            for name, ms in dense.items():
+                if ms is not None:
+                    row[f"speedup_end_to_end_vs_{name}"] = ms / row["end_to_end_ms"]
             row["layer"] = layer
             row["dense"] = dense_out
             per_layer.append(row)
@@ -680,15 +683,18 @@ def render_attention(payload: dict[str, Any]) -> str:
                 )
     else:
         lines.append(f"{'S':>7} {'layer':>5} {'density':>8} {'flash':>8} {'cuDNN':>8} {'sample':>7} {'select':>7} "
-                     f"{'kernel':>8} {'total':>8} {'x cuDNN':>7}")
+                     f"{'kernel':>8} {'total':>8} {'x cuDNN':>7} {'e2e':>8} {'x cuDNN':>7}")
         for res in payload["results"]:
             for row in res["layers"]:
                 d = row["dense"]
                 lines.append(
                     f"{res['seq_len']:>7} {row['layer']:>5} {row['density']:>8.3f} {_fmt(d['sdpa_flash']['ms']):>8} "
                     f"{_fmt(d['sdpa_cudnn']['ms']):>8} {row['sampling_ms']:>7.2f} {row['selection_ms']:>7.2f} "
-                    f"{row['sparse_kernel_ms']:>8.2f} {row['total_ms']:>8.2f} {_fmt(row.get('speedup_total_vs_sdpa_cudnn')):>7}"
+                    f"{row['sparse_kernel_ms']:>8.2f} {row['total_ms']:>8.2f} {_fmt(row.get('speedup_total_vs_sdpa_cudnn')):>7} "
+                    f"{_fmt(row.get('end_to_end_ms')):>8} {_fmt(row.get('speedup_end_to_end_vs_sdpa_cudnn')):>7}"
                 )
+        lines.append("total: the stages timed one by one; e2e: one sample_attention call as the model makes it "
+                     "(CUDA graph replay on CUDA)")
     return "\n".join(lines)
 
 
@@ -708,7 +714,8 @@ def plot_attention(payload: dict[str, Any], path: Path) -> None:
         series = {f"SampleAttention total, density {lab}": [next((x["total_ms"] for x in r["sparse"] if x["label"] == lab), None) for r in res] for lab in labels}
     else:
         dense_of = lambda r, n: sum((x["dense"].get(n) or {}).get("ms") or 0 for x in r["layers"]) or None  # noqa: E731
-        series = {"SampleAttention total (sum over layers)": [sum(x["total_ms"] for x in r["layers"]) for r in res]}
+        series = {"SampleAttention stages (sum over layers)": [sum(x["total_ms"] for x in r["layers"]) for r in res],
+                  "SampleAttention end to end (sum over layers)": [sum(x.get("end_to_end_ms") or 0 for x in r["layers"]) or None for r in res]}
     for name, style in (("sdpa_flash", "k--"), ("sdpa_cudnn", "k-"), ("flex_causal", "k:")):
         ys = [dense_of(r, name) for r in res]
         if any(y is not None for y in ys):
