@@ -50,23 +50,22 @@ class AttentionStats:
 
 
 # Below these lengths sparse prefill loses to dense attention, so it routes to dense.
-# CUDA (H100, bf16): the sparse pipeline's fixed per-call costs (selection, launches) meet dense
-# SDPA near 16K tokens for 32 heads x 128 dims and near 30-35K for the default model's 9 x 64
-# (benchmarks/attention_*.json, ttft_*.json); dense time grows with heads x head_dim, the fixed
-# cost does not, hence the square-root scaling. CPU: the gathering reference path, forced sparse,
-# was slower than SDPA at 4K and 8K tokens with the default model (benchmarks/cpu_ttft.json), so
-# on the CPU automatic routing always chooses dense; dense_below=0 forces the sparse path.
-_CUDA_CROSSOVER_AT_4096 = 16384
+# CUDA (H100, bf16, the pipeline replayed as a CUDA graph): one sparse call of the default model
+# (9 heads x 64 dims) beats cuDNN SDPA from about 16K tokens (1.02-1.22x at 16K on every layer
+# but the densest, 0.4-0.6x at 8K), its TTFT from 8-16K (1.05x at 16K, 1.29x at 32K); the 8B
+# shape (32 x 128) beats it at 16K too (1.4x at 10% density, stages timed one by one)
+# (benchmarks/attention_*.json, ttft_default_forced.json). One threshold, 16K, for both.
+# CPU: the gathering reference path, forced sparse, was slower than SDPA at 4K and 8K tokens
+# with the default model (benchmarks/cpu_ttft.json), so on the CPU automatic routing always
+# chooses dense; dense_below=0 forces the sparse path.
+CUDA_CROSSOVER = 16384
 GRAPHS_ENV = "SACLI_CUDA_GRAPHS"
 CPU_CROSSOVER = sys.maxsize
 
 
 def crossover_tokens(q: torch.Tensor) -> int:
     """Sequence length from which sparse prefill is expected to beat dense for q (B, Hq, S, D)."""
-    if not q.is_cuda:
-        return CPU_CROSSOVER
-    width = q.shape[1] * q.shape[3]
-    return int(_CUDA_CROSSOVER_AT_4096 * math.sqrt(4096 / width))
+    return CUDA_CROSSOVER if q.is_cuda else CPU_CROSSOVER
 
 
 def sample_attention(

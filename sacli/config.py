@@ -41,7 +41,7 @@ class Settings:
     # SampleAttention: fraction of query rows sampled to score columns
     sample_ratio: float = 0.05
     # prefill shorter than this many tokens uses dense attention (sparse does not pay off);
-    # negative: automatic, the measured crossover for the device and the model's head shape
+    # negative: automatic, the measured crossover for the device
     dense_below: int = -1
     # selection rule: "sample" (the paper's, residual-aware) or "adaptive" (per-head windows and
     # checks, dense fallback for unselectable heads: more faithful, denser)
