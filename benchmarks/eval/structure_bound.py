@@ -1,0 +1,160 @@
+"""How sparse can a window + column (+ diagonal) selection be, with full knowledge of the attention?
+
+For each head of the chosen layers, from the exact attention P of one prefill (all rows), an
+oracle picks, for every candidate window w, the key columns (and, in the second family, the
+diagonals i - j = d >= w) greedily by the attention mass they add per kept entry, until the mean
+kept mass per row reaches alpha; the window keeping the fewest entries wins. No sampling rule can
+do better with this structure than this oracle (up to the greedy choice). Reported per alpha:
+kept density and the relative output error ||O_sel - O|| / ||O|| (as `sacli eval fidelity`), per
+head and averaged, beside the per-row oracle (each row its own top entries), which no structured
+selection reaches.
+
+    python benchmarks/eval/structure_bound.py --text ../shared/books/moby_dick_2701.txt \
+        --length 8K --layers 5,15,25 --alphas 0.95,0.98 --out benchmarks/eval/structure_bound_8k_cpu.json
+
+CPU float32, one head at a time (S x S probabilities in memory: 256 MiB at 8K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sacli.evaluate as ev
+from sacli.config import load_settings
+from sacli.eval_capture import capture_attention
+
+WINDOWS = (16, 64, 256, 1024)
+ROUND = 512  # items taken per greedy round before masses are recomputed on what is left
+
+
+def _select(P: torch.Tensor, alpha: float, diagonals: bool) -> torch.Tensor:
+    """(S, S) bool mask of the best window + greedy columns (+ diagonals) reaching mean mass alpha."""
+    S = P.shape[0]
+    i = torch.arange(S)
+    dist = i[:, None] - i[None, :]
+    causal = dist >= 0
+    gather_idx = (i[:, None] - i[None, :]).clamp(min=0)  # row r, offset d -> column r - d
+    best: tuple[float, torch.Tensor] | None = None
+    for w in WINDOWS:
+        mask = causal & (dist < w)
+        residual = P * (dist >= w)
+        need = alpha - float((P * mask).sum()) / S
+        col_cost = (S - i - w).clamp(min=1).double()
+        diag_cost = (S - i).double()
+        diag_cost[:w] = math.inf
+        while need > 0:
+            masses = [residual.sum(0).double() / S]
+            costs = [col_cost]
+            if diagonals:
+                dm = (residual.gather(1, gather_idx) * causal).sum(0).double() / S
+                dm[:w] = 0
+                masses.append(dm)
+                costs.append(diag_cost)
+            m, c = torch.cat(masses), torch.cat(costs)
+            order = torch.argsort(m / c, descending=True)[:ROUND]
+            order = order[m[order] > 0]
+            if order.numel() == 0:
+                break
+            taken = m[order].cumsum(0)
+            n = min(int(torch.searchsorted(taken, torch.tensor([need], dtype=taken.dtype))[0]) + 1, order.numel())
+            order = order[:n]
+            need -= float(m[order].sum())
+            for item in order.tolist():
+                if item < S:
+                    mask[:, item] |= causal[:, item]
+                    residual[:, item] = 0
+                else:
+                    d = item - S
+                    r = torch.arange(d, S)
+                    mask[r, r - d] = True
+                    residual[r, r - d] = 0
+        kept = float(mask.sum())
+        if best is None or kept < best[0]:
+            best = (kept, mask)
+    assert best is not None
+    return best[1]
+
+
+def _error(P: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> float:
+    Pm = P * mask
+    o = (Pm / Pm.sum(-1, keepdim=True).clamp_min(1e-30)) @ v
+    return float((o - out).norm() / out.norm())
+
+
+def _row_oracle(P: torch.Tensor, alpha: float) -> float:
+    srt = P.sort(-1, descending=True).values.cumsum(-1)
+    S = P.shape[0]
+    return float(((srt < alpha).sum(-1) + 1).sum()) / (S * (S + 1) / 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--text", type=Path, required=True)
+    ap.add_argument("--length", default="8K")
+    ap.add_argument("--layers", default="0,5,10,15,20,25")
+    ap.add_argument("--alphas", default="0.95,0.98,0.99")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    settings = load_settings({"device": "cpu", "dtype": "auto", "rope_scale": "yarn"}, environ={})
+    (S,) = ev.parse_lengths(args.length)
+    layers = [int(x) for x in args.layers.split(",")]
+    alphas = ev.parse_floats(args.alphas, "--alphas")
+    cache = ev.ModelCache(settings, lambda m: print(m, file=sys.stderr))
+    ids = ev.text_tokens(cache.tokenizer, ev.read_text(args.text), S, source=str(args.text))
+    lm = cache.get(S)
+    header = ev.run_header(settings, lm.device, lm.name)
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+
+    def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+        if layer in layers:
+            captured[layer] = (q[0].float().clone(), k[0].float().clone(), v[0].float().clone(), scale)
+
+    with torch.inference_mode(), capture_attention(lm.model, on_layer):
+        lm.model(input_ids=ids.to(lm.device), use_cache=False, logits_to_keep=1)
+    heads: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    causal_entries = S * (S + 1) / 2
+    for layer in layers:
+        q, k, v, scale = captured[layer]
+        G = q.shape[0] // k.shape[0]
+        for h in range(q.shape[0]):
+            kh, vh = k[h // G], v[h // G]
+            logits = (q[h] @ kh.T) * scale
+            logits.masked_fill_(torch.ones(S, S, dtype=torch.bool).triu(1), -math.inf)
+            P = torch.softmax(logits, -1)
+            out = P @ vh
+            rec: dict[str, Any] = {"layer": layer, "head": h}
+            for a in alphas:
+                rec[f"row_oracle_density@{a}"] = _row_oracle(P, a)
+                for fam, diag in (("window+columns", False), ("window+columns+diagonals", True)):
+                    mask = _select(P, a, diag)
+                    rec[f"{fam}@{a}"] = {"density": float(mask.sum()) / causal_entries, "err": _error(P, mask, vh, out)}
+            heads.append(rec)
+            print(f"L{layer}.H{h} {time.perf_counter() - t0:.0f}s "
+                  + " ".join(f"{key}={val['density']:.3f}/{val['err']:.3f}" for key, val in rec.items() if isinstance(val, dict)),
+                  file=sys.stderr, flush=True)
+    summary: dict[str, Any] = {}
+    for a in alphas:
+        summary[f"row_oracle_density@{a}"] = statistics.fmean(r[f"row_oracle_density@{a}"] for r in heads)
+        for fam in ("window+columns", "window+columns+diagonals"):
+            key = f"{fam}@{a}"
+            errs = [r[key]["err"] for r in heads]
+            summary[key] = {"density_mean": statistics.fmean(r[key]["density"] for r in heads),
+                            "err_mean": statistics.fmean(errs), "err_max": max(errs)}
+    ev.write_json(args.out, ev.rounded({**header, "command": " ".join(sys.argv), "text": args.text.name,
+                                        "length": S, "layers": layers, "windows": list(WINDOWS),
+                                        "summary": summary, "heads": heads}))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
