@@ -97,8 +97,8 @@ def sample_attention(
         value-weighted scores, held-out error checks and a dense fallback per head (more faithful,
         denser; its stage 1 is PyTorch on every backend).
     graphs: replay the pipeline as a CUDA graph from the second call of a shape on (kernels/
-        graphs.py); None: on for the "sample" rule on the Triton backend with CUDA tensors,
-        unless the environment sets SACLI_CUDA_GRAPHS=0.
+        graphs.py; CUDA tensors only, ignored otherwise); None: on for the "sample" rule on the
+        Triton backend, unless the environment sets SACLI_CUDA_GRAPHS=0.
     Returns out (B, Hq, S, D) in q's dtype, and AttentionStats.
     """
     _, _, _, S, D = check_qkv(q, k, v)
@@ -131,7 +131,7 @@ def sample_attention(
 
     if graphs is None:
         graphs = name == "triton" and q.is_cuda and os.environ.get(GRAPHS_ENV, "1").strip() != "0"
-    if graphs:
+    if graphs and q.is_cuda:
         key = ("sample", alpha, window, sample_ratio, float(scale), name)
         out, density, win, cols, ncols = _graphs.run_graphed(key, q, k, v, pipeline)
     else:

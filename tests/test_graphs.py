@@ -5,9 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
+def test_graphs_flag_is_ignored_off_cuda() -> None:
+    from sacli.kernels import graphs, sample_attention
+
+    graphs.clear()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, 300, 64, generator=g) for h in (2, 1, 1))
+    kw = dict(alpha=0.9, window=0.05, sample_ratio=0.1, dense_below=0, backend="torch")
+    a, sa = sample_attention(q, k, v, graphs=True, **kw)
+    b, sb = sample_attention(q, k, v, graphs=False, **kw)
+    assert torch.equal(a, b) and torch.equal(sa.selection.cols, sb.selection.cols)
+    assert graphs.status() == [], "nothing cached for CPU tensors"
+
+
+@needs_cuda
 def test_graph_replay_equals_eager_on_fresh_inputs() -> None:
     pytest.importorskip("triton")
     from sacli.kernels import graphs, sample_attention
