@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -102,6 +103,8 @@ def environment(command: list[str]) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(words),
+        # settings taken from the environment change what runs: record them with the command
+        "sacli_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SACLI_") and k != "SACLI_HOME"},
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
