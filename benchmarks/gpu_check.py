@@ -27,8 +27,6 @@ from sacli.kernels import triton_sparse as tsp
 
 DEV = torch.device("cuda")
 SPARSE_CONFIGS = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tsp._CONFIGS]
-# candidate: the tuned config with the band's bulk loop warp-specialized
-SPARSE_CONFIGS.append({**tsp.FIXED_CONFIG, "WS": 1})
 SAMPLING_CONFIGS = [
     {},
     {"pipe1": 1, "pipe2": 1},
@@ -217,8 +215,14 @@ def main(path: str, lengths: list[int]) -> int:
         rows = sample_rows(S, 0.05, device=DEV)
         w = fraction_to_tokens(0.05, S)
         entry = {"kind": "sampling_small", "S": S}
-        for name, cfg in (("split_auto", {"keys_per_split": 0}), ("whole", {"keys_per_split": S})):
+        # pass 1 whole vs split in 4 (528 programs, 4 per SM), eager and as a replayed CUDA graph
+        for name, cfg in (("split4", {"keys_per_split": -(-S // 4)}), ("whole", {"keys_per_split": S})):
             entry[f"{name}_ms"] = time_ms(lambda: ts.column_scores_triton(q, k, rows, w, 0.125, config=cfg))
+            ts.column_scores_triton(q, k, rows, w, 0.125, config=cfg)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                ts.column_scores_triton(q, k, rows, w, 0.125, config=cfg)
+            entry[f"{name}_graph_ms"] = time_ms(graph.replay)
         scores, mass = ts.column_scores_triton(q, k, rows, w, 0.125)
         from sacli.kernels.selection import select_columns
         entry["selection_ms"] = time_ms(lambda: select_columns(scores, mass, 0.95, w, S))

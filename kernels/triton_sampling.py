@@ -8,8 +8,9 @@ sampled entries:
 
 1. `_row_stats` (one program per chunk of sampled rows and split of the keys): online max /
    sum over every key j <= r, plus the band's share, giving per row the log2 normaliser
-   m + log2(l) and the window mass. On request (config keys_per_split) the keys are split over
-   several programs whose partial (max, sum, band sum) the launcher merges exactly.
+   m + log2(l) and the window mass. When the row chunks alone are too few to fill the GPU
+   (short sequences, few heads), the keys are split over several programs whose partial
+   (max, sum, band sum) the launcher merges exactly.
 2. `_col_scores` (one program per chunk of key columns, the chunk of K held in registers):
    loops over the sampled rows that see the chunk outside their band, recomputes the logits
    transposed (keys x rows) and adds the normalised probabilities elementwise; a single
@@ -22,6 +23,8 @@ at tiny shapes; the GPU configuration is checked by benchmarks/gpu_check.py on t
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -229,16 +232,34 @@ DEFAULT_CONFIG: dict[str, int] = {
 }
 
 
-def _keys_per_split(requested: int, S: int, interp: bool) -> int:
-    """Keys per pass-1 program, a multiple of 128 (of the interpreter's tile while interpreting):
-    `requested` if > 0, else all of them (no split).
+# Pass 1 runs one program per chunk of 64 sampled rows. When those are too few to fill the GPU
+# (short sequences, few heads), the keys are split so that there are about this many programs
+# per SM. Measured on an H100 with the default model's shape (9 x 64, 5% of rows), as a replayed
+# CUDA graph (the product path): 0.112 vs 0.143 ms at 16K, 0.293 vs 0.337 ms at 32K, split in 4
+# vs whole (benchmarks/raw/v4_gpu_check_graph.json, v4_gpu_check_final.json). Launched eagerly the split is slower
+# (0.68 vs 0.42 ms: the merge's launches), but eager launches are not the product path.
+_PROGRAMS_PER_SM = 4
+# Shortest split: below it merging costs more than the parallelism gains.
+_MIN_KEYS_PER_SPLIT = 1024
 
-    Splitting is not the default: on an H100 with the default model's shape (9 x 64, 5% of rows)
-    the split pass measured slower than the whole one (0.38 vs 0.27 ms at 16K, 0.66 vs 0.35 ms at
-    32K, benchmarks/raw/v4_gpu_check.json, eager timings): the merge costs more than the occupancy it buys.
-    """
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _keys_per_split(requested: int, programs: int, S: int, device: torch.device, interp: bool) -> int:
+    """Keys per pass-1 program, a multiple of 128 (of the interpreter's tile while interpreting):
+    `requested` if > 0; else, on CUDA, enough splits for _PROGRAMS_PER_SM programs per SM given
+    `programs` row chunks; elsewhere all keys (no split)."""
     unit = _INTERPRET_TILE if interp else 128
-    return -(-(requested if requested > 0 else S) // unit) * unit
+    if requested <= 0:
+        requested = S
+        if device.type == "cuda" and not interp:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            n_split = max(1, min(-(-_PROGRAMS_PER_SM * _sm_count(index) // programs), S // _MIN_KEYS_PER_SPLIT))
+            requested = -(-S // n_split)
+    return -(-requested // unit) * unit
 
 
 def column_scores_triton(
@@ -261,7 +282,7 @@ def column_scores_triton(
     out: optional (scores, window_mass) float32 contiguous tensors to write into.
     config: optional fixed launch config overriding DEFAULT_CONFIG's keys, instead of the
         autotuned launches (benchmarks compare configs with it); keys_per_split > 0 fixes
-        pass 1's split of the keys (0: none, see _keys_per_split).
+        pass 1's split of the keys (0: automatic, see _keys_per_split).
     Returns, float32 contiguous on q's device:
       scores (B, Hq, S): mean over sampled rows r of p_r[j] * [j <= r - w];
       window_mass (B, Hq, R): per sampled row, the softmax mass of its band.
@@ -302,7 +323,7 @@ def column_scores_triton(
     tuned = config is None and not interp
     s_bucket = max(S - 1, 1).bit_length()
     n_chunk = triton.cdiv(R, block_r1)
-    keys_per_split = _keys_per_split(cfg["keys_per_split"], S, interp)
+    keys_per_split = _keys_per_split(cfg["keys_per_split"], B * Hq * n_chunk, S, q.device, interp)
     n_split = triton.cdiv(S, keys_per_split)
     part = torch.empty((3, B * Hq, n_split, R), dtype=torch.float32, device=q.device) if n_split > 1 else bias
     args1 = (

@@ -82,7 +82,7 @@ def _sparse_attn_fwd(
     s_cb, s_ch,
     S_BUCKET,  # unused in the body: the autotuner's length key
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     mblk = N_MBLK - 1 - tl.program_id(1)  # heaviest (last) query blocks first
@@ -139,8 +139,7 @@ def _sparse_attn_fwd(
         v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
         mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
-    # The unmasked bulk of the band; WS asks Triton to warp-specialize it (loads vs math).
-    for t in tl.range(t_a, t_b, warp_specialize=WS):
+    for t in range(t_a, t_b):
         offs_j = lo + t * BLOCK_N + offs_n
         k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :])
         v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :])
@@ -168,7 +167,9 @@ _CONFIGS = [
     for bn, nw, ns in [(128, 8, 3), (64, 4, 3)]
 ]
 # Base of a fixed launch (`config=`): the config the autotuner chose on an H100 (KERNEL_NOTES.md).
-FIXED_CONFIG: dict[str, int] = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "WS": 0}
+# Warp-specializing the band's unmasked loop (tl.range(..., warp_specialize=True)) measured no
+# gain on the H100 (35.96 vs 36.11 ms at 10%, 134.4 vs 133.0 ms at 40%, 128K; KERNEL_NOTES.md v4).
+FIXED_CONFIG: dict[str, int] = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 
 _sparse_attn_fwd_tuned = triton.autotune(
     configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC"]
@@ -212,7 +213,7 @@ def sparse_attention_triton(
          ascending within ncols (B, Hq) int32, padded with S.
     scale: softmax scale (> 0).
     out: optional (B, Hq, S, D) tensor of q's dtype, last dim contiguous, to write into.
-    config: optional fixed launch config {"BLOCK_N", "num_warps", "num_stages", "WS"} (missing keys
+    config: optional fixed launch config {"BLOCK_N", "num_warps", "num_stages"} (missing keys
         from FIXED_CONFIG) instead of the autotuned one; benchmarks compare configs with it.
         Ignored under the interpreter, which uses small tiles.
     Returns out (B, Hq, S, D), q's dtype: row i of head h is the softmax-weighted
@@ -261,18 +262,17 @@ def sparse_attention_triton(
         interpreter_compat()
         _sparse_attn_fwd[grid](
             *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=_INTERPRET_BLOCK_N,
-            UPCAST=upcast, PREC=precision, WS=False,
+            UPCAST=upcast, PREC=precision,
         )
     elif config is not None:
         cfg = {**FIXED_CONFIG, **config}
         _sparse_attn_fwd[grid](
             *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-            UPCAST=upcast, PREC=precision, WS=bool(cfg["WS"]),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            UPCAST=upcast, PREC=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     else:
         _sparse_attn_fwd_tuned[grid](
             *args, S_BUCKET=max(S - 1, 1).bit_length(), HEAD_DIM=D, BLOCK_M=block_m,
-            UPCAST=upcast, PREC=precision, WS=False,
+            UPCAST=upcast, PREC=precision,
         )
     return out
