@@ -512,12 +512,16 @@ def bench_ttft_default(
 
     from sacli.models.generate import decoder_layers, generate
 
-    lm, settings = _load_default_model(max(lengths), model)
-    ids = _text_ids(lm, text, max(lengths))
-    layers = decoder_layers(lm.model)
     results = []
+    lm: Any = None
     for S in lengths:
-        row: dict[str, Any] = {"seq_len": S}
+        # Loaded per length: past the trained context YaRN is stretched to the prompt, as
+        # `sacli ask` does, so each length runs the model a user would get at that length.
+        del lm
+        lm, settings = _load_default_model(S, model)
+        ids = _text_ids(lm, text, S)
+        layers = decoder_layers(lm.model)
+        row: dict[str, Any] = {"seq_len": S, "rope_scaled": lm.rope_scaled}
         for mode in ("dense", "sparse"):
             s = dataclasses.replace(settings, dense=mode == "dense", max_new_tokens=1)
 
@@ -539,7 +543,7 @@ def bench_ttft_default(
         log(f"S={S}: TTFT dense {row['dense']['ttft_ms']:.1f} ms, sparse {row['sparse']['ttft_ms']:.1f} ms "
             f"(density {row['sparse']['density']:.3f})")
         results.append(row)
-    shape = {"model": lm.name, "layers": len(layers), "rope_scaled": lm.rope_scaled, "text": text.name,
+    shape = {"model": lm.name, "layers": len(layers), "text": text.name, "yarn": "stretched to each length",
              "alpha": settings.alpha, "window": settings.window, "sample_ratio": settings.sample_ratio}
     return results, shape
 
