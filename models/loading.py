@@ -152,8 +152,11 @@ def apply_yarn(config: Any, needed_tokens: int, limit: int) -> int:
     return new_limit
 
 
-def load_model(path: Path, settings: Settings, needed_tokens: int) -> LoadedModel:
+def load_model(path: Path, settings: Settings, needed_tokens: int, *, tokenizer: Any = None) -> LoadedModel:
     """Load the model at `path` for a prompt of `needed_tokens` (prompt + max new tokens).
+
+    tokenizer: the model's tokenizer when the caller already loaded it (load_tokenizer(path));
+    None loads it here.
 
     Raises ContextLimitError when the tokens do not fit and settings.rope_scale == "none"; with
     "yarn" the RoPE is stretched by factor needed / limit instead.
@@ -194,7 +197,7 @@ def load_model(path: Path, settings: Settings, needed_tokens: int) -> LoadedMode
     model.eval()
     return LoadedModel(
         model=model,
-        tokenizer=load_tokenizer(path),
+        tokenizer=tokenizer if tokenizer is not None else load_tokenizer(path),
         name=path.name,
         path=path,
         device=device,

@@ -117,7 +117,7 @@ class Session:
         # without YaRN, load_model refuses the prompt before loading anything: the model in use stays
         self._progress(STAGE_LOAD, 0, None)
         try:
-            self.lm = load_model(self.model_path, self.settings, needed_tokens)
+            self.lm = load_model(self.model_path, self.settings, needed_tokens, tokenizer=self._tokenizer)
         finally:
             self._progress(STAGE_LOAD, 1, 1)
         if self.lm.rope_scaled:

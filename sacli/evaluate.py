@@ -112,7 +112,7 @@ class ModelCache:
         key = None if needed_tokens <= self.native else needed_tokens
         if self._lm is None or key != self._key:
             self._lm = None
-            self._lm = load_model(self.path, self.settings, needed_tokens)
+            self._lm = load_model(self.path, self.settings, needed_tokens, tokenizer=self._tokenizer)
             self._key = key
         return self._lm
 
