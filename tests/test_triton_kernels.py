@@ -262,3 +262,19 @@ def test_benchmark_selection_has_requested_density(density):
     valid = torch.arange(sel.cols.shape[-1], device=DEVICE) < sel.ncols[..., None]
     assert bool(((sel.cols[..., 1:] > sel.cols[..., :-1]) | ~valid[..., 1:]).all()), "columns not ascending"
     assert bool((sel.cols[~valid] == S).all()), "padding must hold S"
+
+
+@pytest.mark.parametrize("programs,S,splits", [(117, 16384, 5), (234, 32768, 3), (3296, 131072, 1), (10, 1500, 1)])
+def test_pass1_key_split_fills_the_gpu(monkeypatch, programs, S, splits):
+    """On CUDA, pass 1 splits its keys until ~4 programs per SM exist (132 SMs as on an H100),
+    never below 1024 keys a split, in multiples of 128 keys."""
+    from sacli.kernels import triton_sampling as ts
+
+    monkeypatch.setattr(ts, "_sm_count", lambda index: 132)
+    keys = ts._keys_per_split(0, programs, S, torch.device("cuda", 0), interp=False)
+    n_split = -(-S // keys)
+    assert keys % 128 == 0 and n_split * keys >= S
+    assert n_split == splits, f"{n_split} splits"
+    # an explicit request wins; off CUDA there is no split
+    assert ts._keys_per_split(1000, programs, S, torch.device("cuda", 0), interp=False) == 1024
+    assert ts._keys_per_split(0, programs, S, torch.device("cpu"), interp=False) >= S
