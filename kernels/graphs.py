@@ -75,8 +75,7 @@ def run_graphed(key: Hashable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if entry.graph is None:
         entry.inputs = tuple(t.contiguous().clone() for t in (q, k, v))
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(q.device)
-        try:
+        try:  # torch.cuda.graph synchronizes before capturing
             with torch.cuda.graph(graph):
                 entry.outputs = pipeline(*entry.inputs)
         except RuntimeError as exc:  # e.g. an operation that cannot be captured: stay eager

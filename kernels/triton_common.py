@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 # Head sizes the kernels are built and tested for (tl.arange needs a power of two).
 HEAD_DIMS = (64, 128)
@@ -38,6 +39,14 @@ def interpreter_compat() -> None:
 
     patched._sacli_compat = True  # type: ignore[attr-defined]
     interpreter._patch_lang_tensor = patched
+
+
+@triton.jit
+def dot_nt(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """a [M, D] @ b [N, D]^T in float32 (operands upcast first under the interpreter, see dot_flags)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision=PREC)
+    return tl.dot(a, tl.trans(b), input_precision=PREC)
 
 
 def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:

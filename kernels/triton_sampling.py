@@ -30,18 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import check_qkv, dot_flags, interpreter_compat, interpreting, last_dim_contiguous
+from .triton_common import check_qkv, dot_flags, dot_nt, interpreter_compat, interpreting, last_dim_contiguous
 
 # Tiles under the interpreter: small, so tiny test shapes cross several tiles and edges.
 _INTERPRET_TILE = 16
-
-
-@triton.jit
-def _logits(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """a [M, D] @ b[N, D]^T in float32."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision=PREC)
-    return tl.dot(a, tl.trans(b), input_precision=PREC)
 
 
 @triton.jit
@@ -92,20 +84,20 @@ def _row_stats(
     if PIPE:
         # Software-pipelined: the next tile's QK^T is issued before this tile's exp and sums.
         if clear_hi > k_lo:
-            qk = _logits(q, tl.load(k_base + (k_lo + offs_n)[:, None] * s_ks + offs_d[None, :]), UPCAST, PREC)
+            qk = dot_nt(q, tl.load(k_base + (k_lo + offs_n)[:, None] * s_ks + offs_d[None, :]), UPCAST, PREC)
             for start in range(k_lo + BLOCK_N, clear_hi, BLOCK_N):
-                qk_next = _logits(q, tl.load(k_base + (start + offs_n)[:, None] * s_ks + offs_d[None, :]), UPCAST, PREC)
+                qk_next = dot_nt(q, tl.load(k_base + (start + offs_n)[:, None] * s_ks + offs_d[None, :]), UPCAST, PREC)
                 m_i, l_all = _stats_update(m_i, l_all, qk, qk_scale)
                 qk = qk_next
             m_i, l_all = _stats_update(m_i, l_all, qk, qk_scale)
     else:
         for start in range(k_lo, clear_hi, BLOCK_N):
             k = tl.load(k_base + (start + offs_n)[:, None] * s_ks + offs_d[None, :])
-            m_i, l_all = _stats_update(m_i, l_all, _logits(q, k, UPCAST, PREC), qk_scale)
+            m_i, l_all = _stats_update(m_i, l_all, dot_nt(q, k, UPCAST, PREC), qk_scale)
     for start in range(clear_hi, k_hi, BLOCK_N):
         offs_j = start + offs_n
         k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=(offs_j < S)[:, None], other=0.0)
-        qk = _logits(q, k, UPCAST, PREC)
+        qk = dot_nt(q, k, UPCAST, PREC)
         qk = tl.where(offs_j[None, :] <= rows[:, None], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -125,6 +117,21 @@ def _row_stats(
     else:
         tl.store(BIAS + bh * R + offs_i, m_i + tl.math.log2(l_all), mask=i_ok)
         tl.store(WMASS + bh * R + offs_i, l_band / l_all, mask=i_ok)
+
+
+@triton.jit
+def _masked_rows_step(acc, k, q_base, ROWS, bias_base, i0, offs_r, offs_d, offs_j, s_qs, R, W, qk_scale,
+                      UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Add the probabilities of sampled rows i0 .. i0 + BLOCK_R (those < R) for this chunk's
+    columns, keeping only columns outside each row's band (j <= r - W)."""
+    idx = i0 + offs_r
+    ok = idx < R
+    rows = tl.load(ROWS + idx, mask=ok, other=0)
+    q = tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
+    bias = tl.load(bias_base + idx, mask=ok, other=0.0)
+    p = tl.math.exp2(dot_nt(k, q, UPCAST, PREC) * qk_scale - bias[None, :])
+    keep = ok[None, :] & (offs_j[:, None] <= rows[None, :] - W)
+    return acc + tl.where(keep, p, 0.0)
 
 
 @triton.jit(do_not_specialize=["S_BUCKET"])
@@ -157,23 +164,17 @@ def _col_scores(
     end = mid + (tl.maximum(R - mid, 0) // BLOCK_R) * BLOCK_R
     acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
     for i0 in range(first, mid, BLOCK_R):
-        idx = i0 + offs_r
-        ok = idx < R
-        rows = tl.load(ROWS + idx, mask=ok, other=0)
-        q = tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
-        bias = tl.load(bias_base + idx, mask=ok, other=0.0)
-        p = tl.math.exp2(_logits(k, q, UPCAST, PREC) * qk_scale - bias[None, :])
-        keep = ok[None, :] & (offs_j[:, None] <= rows[None, :] - W)
-        acc += tl.where(keep, p, 0.0)
+        acc = _masked_rows_step(acc, k, q_base, ROWS, bias_base, i0, offs_r, offs_d, offs_j, s_qs, R, W,
+                                qk_scale, UPCAST, PREC)
     if PIPE:
         # Software-pipelined: the next step's logits are issued before this step's exp.
         if end > mid:
             rows = tl.load(ROWS + mid + offs_r)
-            s_cur = _logits(k, tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :]), UPCAST, PREC)
+            s_cur = dot_nt(k, tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :]), UPCAST, PREC)
             bias = tl.load(bias_base + mid + offs_r)
             for i0 in range(mid + BLOCK_R, end, BLOCK_R):
                 rows = tl.load(ROWS + i0 + offs_r)
-                s_next = _logits(k, tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :]), UPCAST, PREC)
+                s_next = dot_nt(k, tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :]), UPCAST, PREC)
                 acc += tl.math.exp2(s_cur * qk_scale - bias[None, :])
                 bias = tl.load(bias_base + i0 + offs_r)
                 s_cur = s_next
@@ -184,15 +185,11 @@ def _col_scores(
             rows = tl.load(ROWS + idx)
             q = tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :])
             bias = tl.load(bias_base + idx)
-            acc += tl.math.exp2(_logits(k, q, UPCAST, PREC) * qk_scale - bias[None, :])
+            acc += tl.math.exp2(dot_nt(k, q, UPCAST, PREC) * qk_scale - bias[None, :])
     for i0 in range(end, R, BLOCK_R):  # the partial last step, if any
-        idx = i0 + offs_r
-        ok = idx < R
-        rows = tl.load(ROWS + idx, mask=ok, other=0)
-        q = tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
-        bias = tl.load(bias_base + idx, mask=ok, other=0.0)
-        p = tl.math.exp2(_logits(k, q, UPCAST, PREC) * qk_scale - bias[None, :])
-        acc += tl.where(ok[None, :], p, 0.0)
+        # its rows see the whole chunk: the band test only drops columns past S, never stored
+        acc = _masked_rows_step(acc, k, q_base, ROWS, bias_base, i0, offs_r, offs_d, offs_j, s_qs, R, W,
+                                qk_scale, UPCAST, PREC)
     tl.store(SCORES + bh * S + offs_j, tl.sum(acc, 1) * inv_r, mask=offs_j < S)
 
 

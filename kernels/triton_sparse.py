@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .selection import Selection
-from .triton_common import check_qkv, dot_flags, interpreter_compat, interpreting, last_dim_contiguous
+from .triton_common import check_qkv, dot_flags, dot_nt, interpreter_compat, interpreting, last_dim_contiguous
 
 # Query rows per program. Fixed (not tuned) because the launcher precomputes, per query block,
 # how many selected columns precede the block's band; 128 rows fill a Hopper warpgroup MMA twice.
@@ -34,14 +34,6 @@ BLOCK_M = 128
 # Small tiles under the interpreter, so tiny test shapes still cross several tiles and edges.
 _INTERPRET_BLOCK_M = 32
 _INTERPRET_BLOCK_N = 16
-
-
-@triton.jit
-def _qk(q, k, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Logits q [BLOCK_M, D] @ k [BLOCK_N, D]^T in float32."""
-    if UPCAST:
-        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PREC)
-    return tl.dot(q, tl.trans(k), input_precision=PREC)
 
 
 @triton.jit
@@ -65,7 +57,7 @@ def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, UPCAST: tl.constexpr, PREC: tl.c
 def _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask,
                  MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step over a [BLOCK_N, D] key/value tile."""
-    qk = _qk(q, k, UPCAST, PREC)
+    qk = dot_nt(q, k, UPCAST, PREC)
     if MASKED:
         qk = tl.where(mask, qk, float("-inf"))
     return _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, UPCAST, PREC)

@@ -269,11 +269,14 @@ def _sparse_row(
         "total_ms": total,
         "kernel_tflops": 4.0 * D * kept / (kernel * 1e-3) / 1e12,
     }
-    for name, ms in dense.items():
-        if ms is not None:
-            row[f"speedup_total_vs_{name}"] = ms / total
-            row[f"speedup_kernel_vs_{name}"] = ms / kernel
+    row.update(_speedups("total", total, dense))
+    row.update(_speedups("kernel", kernel, dense))
     return row
+
+
+def _speedups(what: str, ms: float, dense: dict[str, float | None]) -> dict[str, float]:
+    """{"speedup_<what>_vs_<baseline>": baseline ms / ms} for each timed dense baseline."""
+    return {f"speedup_{what}_vs_{name}": base / ms for name, base in dense.items() if base is not None}
 
 
 def _dense_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, flex: bool) -> tuple[dict[str, float | None], dict[str, Any]]:
@@ -436,9 +439,7 @@ def bench_model(
             row["end_to_end_ms"] = time_ms(
                 lambda: sample_attention(q, k, v, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
             )
-            for name, ms in dense.items():
-                if ms is not None:
-                    row[f"speedup_end_to_end_vs_{name}"] = ms / row["end_to_end_ms"]
+            row.update(_speedups("end_to_end", row["end_to_end_ms"], dense))
             row["layer"] = layer
             row["dense"] = dense_out
             per_layer.append(row)
@@ -481,6 +482,22 @@ class _AttentionTimer:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _attention_ms(layers: list[torch.nn.Module], forward: Callable[[], Any]) -> list[float]:
+    """Milliseconds each layer's attention took during forward() (hooks synchronise around it)."""
+    timer = _AttentionTimer(layers)
+    try:
+        forward()
+    finally:
+        timer.remove()
+    return timer.ms
+
+
+def _add_speedups(row: dict[str, Any]) -> None:
+    """Dense over sparse TTFT and attention time, for a row holding both modes."""
+    row["speedup_ttft"] = row["dense"]["ttft_ms"] / row["sparse"]["ttft_ms"]
+    row["speedup_attention"] = row["dense"]["attention_ms_total"] / row["sparse"]["attention_ms_total"]
 
 
 def _median_runs(
@@ -529,17 +546,8 @@ def bench_ttft_default(
                 res = generate(lm, ids[:, :S], s)
                 return res.ttft_ms, 1.0 - res.sparsity, res.attention
 
-            def attention_run(s: Any = s) -> list[float]:
-                timer = _AttentionTimer(layers)
-                try:
-                    generate(lm, ids[:, :S], s)
-                finally:
-                    timer.remove()
-                return timer.ms
-
-            row[mode] = _median_runs(run, attention_run, repeats)
-        row["speedup_ttft"] = row["dense"]["ttft_ms"] / row["sparse"]["ttft_ms"]
-        row["speedup_attention"] = row["dense"]["attention_ms_total"] / row["sparse"]["attention_ms_total"]
+            row[mode] = _median_runs(run, lambda s=s: _attention_ms(layers, lambda: generate(lm, ids[:, :S], s)), repeats)
+        _add_speedups(row)
         log(f"S={S}: TTFT dense {row['dense']['ttft_ms']:.1f} ms, sparse {row['sparse']['ttft_ms']:.1f} ms "
             f"(density {row['sparse']['density']:.3f})")
         results.append(row)
@@ -618,17 +626,8 @@ def bench_ttft_projection(
             def run(mode: str = mode) -> tuple[float, float, str]:
                 return prefill(), row["density"] if mode == "sparse" else 1.0, mode
 
-            def attention_run() -> list[float]:
-                timer = _AttentionTimer(layer_mods)
-                try:
-                    prefill()
-                finally:
-                    timer.remove()
-                return timer.ms
-
-            row[mode] = _median_runs(run, attention_run, repeats)
-        row["speedup_ttft"] = row["dense"]["ttft_ms"] / row["sparse"]["ttft_ms"]
-        row["speedup_attention"] = row["dense"]["attention_ms_total"] / row["sparse"]["attention_ms_total"]
+            row[mode] = _median_runs(run, lambda: _attention_ms(layer_mods, prefill), repeats)
+        _add_speedups(row)
         log(f"S={S}: projected TTFT dense {row['dense']['ttft_ms']:.0f} ms, sparse {row['sparse']['ttft_ms']:.0f} ms "
             f"(density {row['density']:.3f})")
         results.append(row)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -66,6 +66,16 @@ def _settings(**overrides: Any) -> Settings:
 
 def _console() -> Console:
     return render.stderr_console()
+
+
+def _model_cache(settings: Settings, *, one_token: bool) -> tuple[Callable[[str], None], Any]:
+    """A notifier writing to stderr and a model cache that reports through it (one_token: the
+    runs only score prompts, so only the prompt must fit the context)."""
+    from sacli import evaluate as ev
+
+    console = _console()
+    notify = lambda m: render.message(console, m)  # noqa: E731
+    return notify, ev.ModelCache(replace(settings, max_new_tokens=1) if one_token else settings, notify)
 
 
 def _stdout_table(table: Table) -> None:
@@ -145,11 +155,8 @@ def fidelity(
     layer_list = _parse_layers(layers)
     if row_chunk < 1:
         raise UsageError("--row-chunk must be at least 1")
-    console = _console()
-    notify = lambda m: render.message(console, m)  # noqa: E731
     body = ev.read_text(text)
-    # nothing is generated: only the prompt must fit the context
-    cache = ev.ModelCache(replace(settings, max_new_tokens=1), notify)
+    notify, cache = _model_cache(settings, one_token=True)
     runs: list[dict[str, Any]] = []
     header: dict[str, Any] = {}
     inputs = {S: ev.text_tokens(cache.tokenizer, body, S, source=str(text)) for S in lens}
@@ -220,10 +227,8 @@ def ppl(
     )
     rules = _check_rules(rule)
     lens = ev.parse_lengths(lengths)
-    console = _console()
-    notify = lambda m: render.message(console, m)  # noqa: E731
     body = ev.read_text(text)
-    cache = ev.ModelCache(replace(settings, max_new_tokens=1), notify)
+    notify, cache = _model_cache(settings, one_token=True)
     rows = []
     header: dict[str, Any] = {}
     inputs = {S: ev.text_tokens(cache.tokenizer, body, S, source=str(text)) for S in lens}
@@ -287,9 +292,7 @@ def niah(
     if not deps or any(not 0.0 <= d <= 1.0 for d in deps):
         raise UsageError("--depths must be numbers in [0, 1]")
     texts = [ev.read_text(b) for b in books]
-    console = _console()
-    notify = lambda m: render.message(console, m)  # noqa: E731
-    cache = ev.ModelCache(settings, notify)
+    notify, cache = _model_cache(settings, one_token=False)
     cells = []
     header: dict[str, Any] = {}
     n = 0

@@ -30,6 +30,7 @@ import torch
 import sacli.evaluate as ev
 from sacli.config import load_settings
 from sacli.eval_capture import capture_attention
+from sacli.eval_metrics import causal_entries, oracle_row_counts
 
 WINDOWS = (16, 64, 256, 1024)
 ROUND = 512  # items taken per greedy round before masses are recomputed on what is left
@@ -89,12 +90,6 @@ def _error(P: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, out: torch.Tens
     return float((o - out).norm() / out.norm())
 
 
-def _row_oracle(P: torch.Tensor, alpha: float) -> float:
-    srt = P.sort(-1, descending=True).values.cumsum(-1)
-    S = P.shape[0]
-    return float(((srt < alpha).sum(-1) + 1).sum()) / (S * (S + 1) / 2)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", type=Path, required=True)
@@ -122,7 +117,7 @@ def main() -> None:
         lm.model(input_ids=ids.to(lm.device), use_cache=False, logits_to_keep=1)
     heads: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    causal_entries = S * (S + 1) / 2
+    causal = causal_entries(S)
     for layer in layers:
         q, k, v, scale = captured[layer]
         G = q.shape[0] // k.shape[0]
@@ -134,10 +129,10 @@ def main() -> None:
             out = P @ vh
             rec: dict[str, Any] = {"layer": layer, "head": h}
             for a in alphas:
-                rec[f"row_oracle_density@{a}"] = _row_oracle(P, a)
+                rec[f"row_oracle_density@{a}"] = float(oracle_row_counts(P, a).sum()) / causal
                 for fam, diag in (("window+columns", False), ("window+columns+diagonals", True)):
                     mask = _select(P, a, diag)
-                    rec[f"{fam}@{a}"] = {"density": float(mask.sum()) / causal_entries, "err": _error(P, mask, vh, out)}
+                    rec[f"{fam}@{a}"] = {"density": float(mask.sum()) / causal, "err": _error(P, mask, vh, out)}
             heads.append(rec)
             print(f"L{layer}.H{h} {time.perf_counter() - t0:.0f}s "
                   + " ".join(f"{key}={val['density']:.3f}/{val['err']:.3f}" for key, val in rec.items() if isinstance(val, dict)),
