@@ -224,8 +224,18 @@ def main(path: str, lengths: list[int]) -> int:
                 ts.column_scores_triton(q, k, rows, w, 0.125, config=cfg)
             entry[f"{name}_graph_ms"] = time_ms(graph.replay)
         scores, mass = ts.column_scores_triton(q, k, rows, w, 0.125)
+        from sacli.kernels import backend as kb
         from sacli.kernels.selection import select_columns
-        entry["selection_ms"] = time_ms(lambda: select_columns(scores, mass, 0.95, w, S))
+        entry["selection_torch_ms"] = time_ms(lambda: select_columns(scores, mass, 0.95, w, S))
+        entry["selection_ms"] = time_ms(lambda: kb.selection_stage(scores, mass, 0.95, w, S))
+        # stage 2 in Triton == the PyTorch reference (columns, counts, density) on real scores
+        from sacli.kernels.triton_sparse import column_counts, query_block
+        sel, counts, dens = kb.selection_stage(scores, mass, 0.95, w, S)
+        ref = select_columns(scores, mass, 0.95, w, S)
+        entry["selection_equal"] = bool(torch.equal(sel.cols, ref.cols) and torch.equal(sel.ncols, ref.ncols)
+                                        and torch.equal(counts, column_counts(ref, query_block()))
+                                        and torch.equal(dens, ref.density().float()))
+        failures += not entry["selection_equal"]
         v = torch.randn(1, 3, S, 64, device=DEV, generator=g).to(torch.bfloat16)
         from sacli.kernels import sample_attention
 

@@ -2,10 +2,11 @@
 
 1. `column_scores`: exact attention of a sample of query rows (`sample_rows`), accumulated per
    key column outside each row's local window band.
-2. `select_columns`: per head, the fewest columns reaching the cumulative threshold alpha.
+2. `selection_stage`: per head, the fewest columns reaching the cumulative threshold alpha
+   (`select_columns` in PyTorch, or one Triton program per head).
 3. `sparse_attention`: exact softmax over the window band plus the selected columns.
 
-Stages 1 and 3 run on the backend chosen by `backend.choose_backend`; stage 2 is PyTorch.
+Every stage runs on the backend chosen by `backend.choose_backend`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from . import backend as _backend
 from . import graphs as _graphs
 from .reference import check_qkv, dense_attention
 from .rules import select_adaptive
-from .selection import Selection, fraction_to_tokens, sample_rows, select_columns
+from .selection import Selection, fraction_to_tokens, sample_rows
 
 
 @dataclass
@@ -125,9 +126,9 @@ def sample_attention(
         window_tokens = fraction_to_tokens(window, S)
         rows = sample_rows(S, sample_ratio, device=q.device)
         scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=name)
-        sel = select_columns(scores, window_mass, alpha, window_tokens, S)
-        out = _backend.sparse_attention(q, k, v, sel, scale, backend=name)
-        return out, sel.density().to(torch.float32), sel.window, sel.cols, sel.ncols
+        sel, counts, density = _backend.selection_stage(scores, window_mass, alpha, window_tokens, S, backend=name)
+        out = _backend.sparse_attention(q, k, v, sel, scale, backend=name, counts=counts)
+        return out, density, sel.window, sel.cols, sel.ncols
 
     if graphs is None:
         graphs = name == "triton" and q.is_cuda and os.environ.get(GRAPHS_ENV, "1").strip() != "0"

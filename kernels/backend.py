@@ -9,7 +9,9 @@ Order of precedence, decided on every call:
 Asking for "triton" explicitly also works on CPU tensors under TRITON_INTERPRET=1, which is
 how tests compare the two paths without a GPU. The Triton modules are imported only when
 chosen, so this module (and the package) import without Triton installed.
-Stage 2 (`select_columns`) is plain PyTorch on every backend.
+Stage 2 (`selection_stage`) is `select_columns` (PyTorch) on the torch backend and one Triton
+program per head on the Triton backend, which also hands the sparse kernel its per-block column
+counts (`sparse_attention(..., counts=)`) and the density.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from . import reference
-from .selection import Selection
+from .selection import Selection, select_columns
 
 ENV_VAR = "SACLI_KERNEL_BACKEND"
 BACKENDS = ("torch", "triton")
@@ -86,6 +88,30 @@ def column_scores(
     return reference.column_scores(q, k, rows, window_tokens, scale)
 
 
+def selection_stage(
+    scores: torch.Tensor,
+    window_mass: torch.Tensor,
+    alpha: float,
+    window_tokens: int,
+    seq_len: int,
+    *,
+    backend: str | None = None,
+) -> tuple[Selection, torch.Tensor | None, torch.Tensor]:
+    """Stage 2 on the chosen backend: (sel, counts, density).
+
+    sel as `select_columns(scores, window_mass, alpha, window_tokens, seq_len)`; density
+    (B, Hq) float32 = sel.density(). counts: on the Triton backend the sparse kernel's per-block
+    column counts (pass them to `sparse_attention`), None on the torch backend.
+    """
+    if choose_backend(backend, scores, window_mass) == "triton":
+        block_m = _triton_function("triton_sparse", "query_block")()
+        return _triton_function("triton_selection", "select_columns_triton")(
+            scores, window_mass, alpha, window_tokens, seq_len, block_m
+        )
+    sel = select_columns(scores, window_mass, alpha, window_tokens, seq_len)
+    return sel, None, sel.density().to(torch.float32)
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,8 +120,11 @@ def sparse_attention(
     scale: float,
     *,
     backend: str | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stage 3 on the chosen backend; shapes and semantics as `reference.sparse_attention`."""
+    """Stage 3 on the chosen backend; shapes and semantics as `reference.sparse_attention`.
+    counts: the Triton backend's per-block column counts from `selection_stage` (optional; the
+    launcher computes them when absent); ignored by the torch backend."""
     if choose_backend(backend, q, k, v) == "triton":
-        return _triton_function("triton_sparse", "sparse_attention_triton")(q, k, v, sel, scale)
+        return _triton_function("triton_sparse", "sparse_attention_triton")(q, k, v, sel, scale, counts=counts)
     return reference.sparse_attention(q, k, v, sel, scale)

@@ -168,7 +168,12 @@ _sparse_attn_fwd_tuned = triton.autotune(
 )(_sparse_attn_fwd)
 
 
-def _column_counts(sel: Selection, block_m: int) -> torch.Tensor:
+def query_block() -> int:
+    """Query rows per program of the sparse kernel in this process (small under the interpreter)."""
+    return _INTERPRET_BLOCK_M if interpreting() else BLOCK_M
+
+
+def column_counts(sel: Selection, block_m: int) -> torch.Tensor:
     """(B*Hq, n_mblk, 2) int32: per query block [m0, m1), selected columns <= m0 - w and <= m1 - 1 - w."""
     B, H = sel.window.shape
     S = sel.seq_len
@@ -196,6 +201,7 @@ def sparse_attention_triton(
     *,
     out: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention over the entries kept by `sel` (Triton).
 
@@ -208,6 +214,9 @@ def sparse_attention_triton(
     config: optional fixed launch config {"BLOCK_N", "num_warps", "num_stages"} (missing keys
         from FIXED_CONFIG) instead of the autotuned one; benchmarks compare configs with it.
         Ignored under the interpreter, which uses small tiles.
+    counts: optional (B*Hq, ceil(S / query_block()), 2) int32, per query block [m0, m1) the
+        number of selected columns <= m0 - w and <= m1 - 1 - w, as stage 2 on the Triton
+        backend produces them (triton_selection); computed here when absent.
     Returns out (B, Hq, S, D), q's dtype: row i of head h is the softmax-weighted
     sum over keys j <= i with i - window < j, or j a selected column with j <= i - window.
     """
@@ -235,11 +244,15 @@ def sparse_attention_triton(
     upcast, precision = dot_flags(q.dtype)
     qk_scale = float(scale) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
-    block_m = _INTERPRET_BLOCK_M if interpreting() else BLOCK_M
-    counts = _column_counts(
-        Selection(window=window, cols=cols, ncols=sel.ncols.to(torch.int32), seq_len=S), block_m
-    )
+    block_m = query_block()
     n_mblk = triton.cdiv(S, block_m)
+    if counts is None:
+        counts = column_counts(
+            Selection(window=window, cols=cols, ncols=sel.ncols.to(torch.int32), seq_len=S), block_m
+        )
+    assert tuple(counts.shape) == (B * Hq, n_mblk, 2) and counts.dtype == torch.int32 and counts.is_contiguous(), (
+        f"counts must be contiguous int32 ({B * Hq}, {n_mblk}, 2), got {tuple(counts.shape)} {counts.dtype}"
+    )
     grid = (B * Hq, n_mblk)
     args = (
         q, k, v, out, window, cols, counts,

@@ -235,18 +235,19 @@ class StageTimes:
     selection_ms: float
 
 
-def _time_stages(q: torch.Tensor, k: torch.Tensor, *, alpha: float, window: float, sample_ratio: float, scale: float) -> tuple[StageTimes, Any]:
-    """Time stage 1 (column scores) and stage 2 (selection) as the pipeline runs them."""
+def _time_stages(q: torch.Tensor, k: torch.Tensor, *, alpha: float, window: float, sample_ratio: float, scale: float) -> StageTimes:
+    """Time stage 1 (column scores) and stage 2 (selection, with the sparse kernel's per-block
+    column counts and the density) as the pipeline runs them."""
     from sacli.kernels import backend as kb
-    from sacli.kernels.selection import fraction_to_tokens, sample_rows, select_columns
+    from sacli.kernels.selection import fraction_to_tokens, sample_rows
 
     S = q.shape[2]
     w = fraction_to_tokens(window, S)
     rows = sample_rows(S, sample_ratio, device=q.device)
     sampling = time_ms(lambda: kb.column_scores(q, k, rows, w, scale))
     scores, mass = kb.column_scores(q, k, rows, w, scale)
-    selection = time_ms(lambda: select_columns(scores, mass, alpha, w, S))
-    return StageTimes(sampling, selection), select_columns(scores, mass, alpha, w, S)
+    selection = time_ms(lambda: kb.selection_stage(scores, mass, alpha, w, S))
+    return StageTimes(sampling, selection)
 
 
 def _sparse_row(
@@ -255,7 +256,13 @@ def _sparse_row(
     from sacli.kernels import backend as kb
 
     B, H, S, D = q.shape
-    kernel = time_ms(lambda: kb.sparse_attention(q, k, v, sel, scale))
+    counts = None
+    if kb.choose_backend(None, q, k, v) == "triton":
+        # stage 2 hands these to the kernel in the pipeline; here they are made outside the timing
+        from sacli.kernels.triton_sparse import column_counts, query_block
+
+        counts = column_counts(sel, query_block())
+    kernel = time_ms(lambda: kb.sparse_attention(q, k, v, sel, scale, counts=counts))
     kept = float(sel.kept_entries().sum())
     total = stages.sampling_ms + stages.selection_ms + kernel
     row: dict[str, Any] = {
@@ -322,7 +329,7 @@ def bench_synthetic(
         scale = head_dim**-0.5
         dense, dense_out = _dense_block(q, k, v, scale, flex if isinstance(flex, bool) else S in flex)
         log(f"S={S} dense " + ", ".join(f"{n}={t:.2f} ms" for n, t in dense.items() if t is not None))
-        stages, _ = _time_stages(q, k, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
+        stages = _time_stages(q, k, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
         log(f"S={S} sampling {stages.sampling_ms:.2f} ms, selection {stages.selection_ms:.2f} ms")
         rows = []
         cases: list[tuple[str, dict[str, Any]]] = [(f"{d:g}", {"density": d}) for d in densities]
@@ -433,7 +440,7 @@ def bench_model(
             qf, kf, vf, scale = captured[layer]
             q, k, v = (t[:, :, :S].contiguous() for t in (qf, kf, vf))
             dense, dense_out = _dense_block(q, k, v, scale, flex)
-            stages, _ = _time_stages(q, k, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
+            stages = _time_stages(q, k, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
             _, stats = sample_attention(q, k, v, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
             row = _sparse_row(q, k, v, stats.selection, scale, stages, dense, f"layer{layer}")
             row["end_to_end_ms"] = time_ms(
@@ -501,24 +508,37 @@ def _add_speedups(row: dict[str, Any]) -> None:
 
 
 def _median_runs(
-    ttft_run: Callable[[], tuple[float, float, str]], attention_run: Callable[[], list[float]], repeats: int
-) -> dict[str, Any]:
-    """Medians over `repeats` runs after one warm-up (Triton compilation and autotuning, cuDNN
-    plans). TTFT comes from runs without attention hooks; the per-layer attention times from
-    separate runs whose hooks synchronise around every attention call (which would inflate TTFT)."""
-    ttft_run()
-    samples = [ttft_run() for _ in range(repeats)]
-    attn = [attention_run() for _ in range(repeats)]
-    per_layer = [statistics.median(a[i] for a in attn) for i in range(len(attn[0]))]
-    ttft = [s[0] for s in samples]
-    return {
-        "ttft_ms": statistics.median(ttft),
-        "ttft_ms_runs": ttft,
-        "attention_ms_total": sum(per_layer),
-        "attention_ms_per_layer": per_layer,
-        "density": statistics.median(s[1] for s in samples),
-        "routed": samples[-1][2],
-    }
+    runs: dict[str, tuple[Callable[[], tuple[float, float, str]], Callable[[], list[float]]]], repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Per mode, medians over `repeats` runs after one warm-up each (Triton compilation and
+    autotuning, CUDA graph capture, cuDNN plans). runs: mode -> (ttft_run, attention_run).
+    The modes take turns run by run, so slow drifts of the machine (clocks, other processes)
+    fall on every mode alike. TTFT comes from runs without attention hooks; the per-layer
+    attention times from separate runs whose hooks synchronise around every attention call
+    (which would inflate TTFT)."""
+    for ttft_run, _ in runs.values():
+        ttft_run()
+    samples: dict[str, list[tuple[float, float, str]]] = {mode: [] for mode in runs}
+    attn: dict[str, list[list[float]]] = {mode: [] for mode in runs}
+    for _ in range(repeats):
+        for mode, (ttft_run, _) in runs.items():
+            samples[mode].append(ttft_run())
+    for _ in range(repeats):
+        for mode, (_, attention_run) in runs.items():
+            attn[mode].append(attention_run())
+    out = {}
+    for mode in runs:
+        per_layer = [statistics.median(a[i] for a in attn[mode]) for i in range(len(attn[mode][0]))]
+        ttft = [s[0] for s in samples[mode]]
+        out[mode] = {
+            "ttft_ms": statistics.median(ttft),
+            "ttft_ms_runs": ttft,
+            "attention_ms_total": sum(per_layer),
+            "attention_ms_per_layer": per_layer,
+            "density": statistics.median(s[1] for s in samples[mode]),
+            "routed": samples[mode][-1][2],
+        }
+    return out
 
 
 def bench_ttft_default(
@@ -539,6 +559,7 @@ def bench_ttft_default(
         ids = _text_ids(lm, text, S)
         layers = decoder_layers(lm.model)
         row: dict[str, Any] = {"seq_len": S, "rope_scaled": lm.rope_scaled}
+        runs = {}
         for mode in ("dense", "sparse"):
             s = dataclasses.replace(settings, dense=mode == "dense", max_new_tokens=1)
 
@@ -546,7 +567,8 @@ def bench_ttft_default(
                 res = generate(lm, ids[:, :S], s)
                 return res.ttft_ms, 1.0 - res.sparsity, res.attention
 
-            row[mode] = _median_runs(run, lambda s=s: _attention_ms(layers, lambda: generate(lm, ids[:, :S], s)), repeats)
+            runs[mode] = (run, lambda s=s: _attention_ms(layers, lambda: generate(lm, ids[:, :S], s)))
+        row.update(_median_runs(runs, repeats))
         _add_speedups(row)
         log(f"S={S}: TTFT dense {row['dense']['ttft_ms']:.1f} ms, sparse {row['sparse']['ttft_ms']:.1f} ms "
             f"(density {row['sparse']['density']:.3f})")
@@ -577,7 +599,7 @@ def bench_ttft_projection(
     import torch.nn.functional as F
 
     from sacli.kernels import backend as kb
-    from sacli.kernels.selection import fraction_to_tokens, sample_rows, select_columns
+    from sacli.kernels.selection import fraction_to_tokens, sample_rows
 
     dev = torch.device("cuda")
     cfg = dict(LLAMA_8B)
@@ -596,7 +618,7 @@ def bench_ttft_projection(
             w = fraction_to_tokens(window, S)
             rows = sample_rows(S, sample_ratio, device=query.device)
             scores, mass = kb.column_scores(query, key, rows, w, scale)
-            select_columns(scores, mass, alpha, w, S)  # its cost; the fixed selection replaces it
+            kb.selection_stage(scores, mass, alpha, w, S)  # its cost; the fixed selection replaces it
             out = kb.sparse_attention(query, key, value, state["sel"], scale)
         return out.transpose(1, 2).contiguous(), None
 
@@ -612,21 +634,24 @@ def bench_ttft_projection(
         ids = torch.randint(0, cfg["vocab_size"], (1, S), device=dev)
         state["sel"] = synthetic_selection(1, cfg["num_attention_heads"], S, density=densities[S], device=dev, seed=S)
         row: dict[str, Any] = {"seq_len": S, "density": float(state["sel"].density().mean())}
-        for mode in ("dense", "sparse"):
+
+        def prefill() -> float:
+            with torch.inference_mode():
+                _sync()
+                t0 = time.perf_counter()
+                out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                out.logits[:, -1].argmax(-1).item()
+                return (time.perf_counter() - t0) * 1e3
+
+        def run(mode: str) -> tuple[float, float, str]:
             state["mode"] = mode
+            return prefill(), row["density"] if mode == "sparse" else 1.0, mode
 
-            def prefill() -> float:
-                with torch.inference_mode():
-                    _sync()
-                    t0 = time.perf_counter()
-                    out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                    out.logits[:, -1].argmax(-1).item()
-                    return (time.perf_counter() - t0) * 1e3
+        def attention_run(mode: str) -> list[float]:
+            state["mode"] = mode
+            return _attention_ms(layer_mods, prefill)
 
-            def run(mode: str = mode) -> tuple[float, float, str]:
-                return prefill(), row["density"] if mode == "sparse" else 1.0, mode
-
-            row[mode] = _median_runs(run, lambda: _attention_ms(layer_mods, prefill), repeats)
+        row.update(_median_runs({m: (lambda m=m: run(m), lambda m=m: attention_run(m)) for m in ("dense", "sparse")}, repeats))
         _add_speedups(row)
         log(f"S={S}: projected TTFT dense {row['dense']['ttft_ms']:.0f} ms, sparse {row['sparse']['ttft_ms']:.0f} ms "
             f"(density {row['density']:.3f})")
@@ -798,7 +823,7 @@ def ttft(
     text: Optional[Path] = typer.Option(None, help="Default shape: a long UTF-8 text file for the prompt."),
     densities: Optional[str] = typer.Option(None, help="llama-8b: densities per length (comma list, one per length)."),
     densities_from: Optional[Path] = typer.Option(None, help="llama-8b: take densities from an `attention --workload model` JSON."),
-    repeats: int = typer.Option(3, min=1, help="Timed runs per point (median), after one warm-up."),
+    repeats: int = typer.Option(5, min=1, help="Timed runs per point and mode (median), after one warm-up; the modes alternate."),
     model: Optional[str] = typer.Option(None, help="Default shape: model name or path."),
     out: Path = typer.Option(Path("benchmarks/ttft.json"), help="JSON results file."),
 ) -> None:

@@ -35,3 +35,29 @@ def test_model_table_and_plot_without_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "p.png"
     plot_attention(payload, out)
     assert out.stat().st_size > 1000
+
+
+def test_ttft_runs_alternate_modes_and_take_medians() -> None:
+    from sacli.bench import _median_runs
+
+    calls: list[str] = []
+    ttft = {"dense": iter([99.0, 10.0, 12.0, 11.0]), "sparse": iter([99.0, 5.0, 50.0, 6.0])}
+
+    def runs(mode: str):
+        def ttft_run():
+            calls.append(f"t-{mode}")
+            return next(ttft[mode]), 1.0, mode
+
+        def attention_run():
+            calls.append(f"a-{mode}")
+            return [1.0, 2.0] if mode == "dense" else [0.5, 1.0]
+
+        return ttft_run, attention_run
+
+    out = _median_runs({m: runs(m) for m in ("dense", "sparse")}, repeats=3)
+    # one warm-up each, then the modes take turns
+    assert calls[:8] == ["t-dense", "t-sparse"] * 4
+    assert calls[8:] == ["a-dense", "a-sparse"] * 3
+    assert out["dense"]["ttft_ms"] == 11.0 and out["dense"]["ttft_ms_runs"] == [10.0, 12.0, 11.0]
+    assert out["sparse"]["ttft_ms"] == 6.0  # the outlier run does not move the median
+    assert out["sparse"]["attention_ms_per_layer"] == [0.5, 1.0] and out["dense"]["attention_ms_total"] == 3.0

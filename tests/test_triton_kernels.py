@@ -25,6 +25,7 @@ if importlib.util.find_spec("triton") is None:
 from sacli.kernels import reference  # noqa: E402
 from sacli.kernels.selection import Selection, sample_rows, select_columns, selection_mask  # noqa: E402
 from sacli.kernels.triton_sampling import column_scores_triton  # noqa: E402
+from sacli.kernels.triton_selection import select_columns_triton  # noqa: E402
 from sacli.kernels.triton_sparse import sparse_attention_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -218,6 +219,42 @@ def test_selection_from_kernel_scores_matches_reference_selection():
     ref = select_columns(ref_scores, ref_mass, 0.9, w, S)
     assert int(ref.ncols.min()) > 0, "the case should select some columns"
     assert torch.equal(mine.ncols, ref.ncols) and torch.equal(mine.cols, ref.cols)
+
+
+SELECT_CASES = [
+    # B, H, S, w, alpha, R, ties
+    (1, 3, 97, 10, 0.9, 8, False),
+    (2, 2, 200, 1, 0.95, 5, True),  # many exact ties: scores on a coarse grid
+    (1, 4, 131, 40, 0.5, 3, True),
+    (1, 2, 64, 64, 0.95, 4, False),  # window covers everything: nothing to select
+    (1, 3, 150, 7, 1.0, 6, False),  # alpha 1: every positive column
+    (1, 2, 120, 12, 0.0, 6, False),  # alpha 0: the window suffices
+]
+
+
+@pytest.mark.parametrize("B,H,S,w,alpha,R,ties", SELECT_CASES)
+@pytest.mark.parametrize("block_m", [32, 128])
+def test_triton_selection_equals_reference(B, H, S, w, alpha, R, ties, block_m):
+    """Stage 2 in one Triton program per head: the reference's columns, counts and density exactly."""
+    from sacli.kernels.triton_sparse import column_counts
+
+    g = torch.Generator().manual_seed(S + w)
+    raw = torch.rand(B, H, S, generator=g) ** 4  # skewed, like attention
+    raw[raw < 0.05] = 0.0  # some columns no sampled row attends to
+    if ties:
+        raw = (raw * 8).round() / 8
+    mass = torch.rand(B, H, R, generator=g) * 0.6
+    # scale so the window mass and the scores sum to about 1, as stage 1 produces
+    scores = (raw / raw.sum(-1, keepdim=True).clamp(min=1e-9) * (1 - mass.mean(-1, keepdim=True))).float()
+    scores, mass = scores.to(DEVICE), mass.to(DEVICE)
+    ref = select_columns(scores, mass, alpha, w, S, trim=False)
+    sel, counts, density = select_columns_triton(scores, mass, alpha, w, S, block_m)
+    assert torch.equal(sel.ncols, ref.ncols), f"{sel.ncols.tolist()} != {ref.ncols.tolist()}"
+    assert torch.equal(sel.cols, ref.cols) and torch.equal(sel.window, ref.window)
+    assert torch.equal(counts, column_counts(ref, block_m))
+    assert torch.equal(density, ref.density().to(torch.float32))
+    if ties and alpha < 1:
+        assert int(ref.ncols.min()) > 0, "the tie cases should select columns"
 
 
 def test_sparse_kernel_same_on_untrimmed_selection():
