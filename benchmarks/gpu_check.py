@@ -20,8 +20,9 @@ import torch
 import triton
 
 from sacli.bench import environment, synthetic_selection, time_ms
-from sacli.kernels import reference
-from sacli.kernels.selection import Selection, fraction_to_tokens, sample_rows, selection_mask
+from sacli.kernels import backend as kb
+from sacli.kernels import graphs, reference, sample_attention
+from sacli.kernels.selection import Selection, fraction_to_tokens, sample_rows, select_columns, selection_mask
 from sacli.kernels import triton_sampling as ts
 from sacli.kernels import triton_sparse as tsp
 
@@ -188,8 +189,6 @@ def main(path: str, lengths: list[int]) -> int:
         print("sampling", r, flush=True)
     # CUDA graph replay of the whole pipeline == the eager pipeline, on fresh inputs each call
     try:
-        from sacli.kernels import graphs, sample_attention
-
         graphs.clear()
         g = torch.Generator(device=DEV).manual_seed(5)
         kw = dict(alpha=0.95, window=0.05, sample_ratio=0.05, dense_below=0, backend="triton")
@@ -224,21 +223,16 @@ def main(path: str, lengths: list[int]) -> int:
                 ts.column_scores_triton(q, k, rows, w, 0.125, config=cfg)
             entry[f"{name}_graph_ms"] = time_ms(graph.replay)
         scores, mass = ts.column_scores_triton(q, k, rows, w, 0.125)
-        from sacli.kernels import backend as kb
-        from sacli.kernels.selection import select_columns
         entry["selection_torch_ms"] = time_ms(lambda: select_columns(scores, mass, 0.95, w, S))
         entry["selection_ms"] = time_ms(lambda: kb.selection_stage(scores, mass, 0.95, w, S))
         # stage 2 in Triton == the PyTorch reference (columns, counts, density) on real scores
-        from sacli.kernels.triton_sparse import column_counts, query_block
         sel, counts, dens = kb.selection_stage(scores, mass, 0.95, w, S)
         ref = select_columns(scores, mass, 0.95, w, S)
         entry["selection_equal"] = bool(torch.equal(sel.cols, ref.cols) and torch.equal(sel.ncols, ref.ncols)
-                                        and torch.equal(counts, column_counts(ref, query_block()))
+                                        and torch.equal(counts, tsp.column_counts(ref, tsp.query_block()))
                                         and torch.equal(dens, ref.density().float()))
         failures += not entry["selection_equal"]
         v = torch.randn(1, 3, S, 64, device=DEV, generator=g).to(torch.bfloat16)
-        from sacli.kernels import sample_attention
-
         for name, flag in (("pipeline_eager_ms", False), ("pipeline_graph_ms", True)):
             entry[name] = time_ms(lambda: sample_attention(q, k, v, alpha=0.95, window=0.05, sample_ratio=0.05,
                                                            scale=0.125, dense_below=0, graphs=flag))
