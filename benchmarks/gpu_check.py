@@ -13,6 +13,7 @@ Exits non-zero if any correctness check fails.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import traceback
 
@@ -28,6 +29,10 @@ from sacli.kernels import triton_sparse as tsp
 
 DEV = torch.device("cuda")
 SPARSE_CONFIGS = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tsp._CONFIGS]
+# launch configs timed besides the autotuner's candidates (with host-side descriptors)
+EXTRA_SPARSE_CONFIGS = [
+    {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+]
 SAMPLING_CONFIGS = [
     {},
     {"pipe1": 1, "pipe2": 1},
@@ -66,7 +71,7 @@ def random_selection(B, H, S, seed):
     return Selection(win.to(torch.int32).to(DEV), cols.to(DEV), ncols.to(DEV), S)
 
 
-def check_sparse(case, config):
+def check_sparse(case, config, tma=None):
     B, Hq, Hkv, S, D = case
     g = torch.Generator(device=DEV).manual_seed(S * D + Hq)
     q = torch.randn(B, Hq, S, D, device=DEV, generator=g).to(torch.bfloat16)
@@ -76,12 +81,12 @@ def check_sparse(case, config):
     mask = selection_mask(sel)
     scale = D**-0.5
     out = torch.full_like(q, float("nan"))
-    tsp.sparse_attention_triton(q, k, v, sel, scale, out=out, config=config)
+    tsp.sparse_attention_triton(q, k, v, sel, scale, out=out, config=config, tma=tma)
     ref = masked_attention(q, k, v, mask, scale, torch.float64)
     torch_err = (masked_attention(q, k, v, mask, scale, torch.bfloat16).double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
     ok = bool(not torch.isnan(out).any()) and err <= 2 * torch_err + 1e-5
-    return {"case": case, "config": config, "err": err, "torch_bf16_err": torch_err, "ok": ok}
+    return {"case": case, "config": config, "tma": tma, "err": err, "torch_bf16_err": torch_err, "ok": ok}
 
 
 def check_sampling(case, config):
@@ -151,9 +156,57 @@ def time_sampling_passes(q, k, rows, w, scale, cfg):
     return time_ms(p1), time_ms(p2)
 
 
-def main(path: str, lengths: list[int]) -> int:
+def time_interleaved(fns, budget_ms: float = 2000.0, max_rounds: int = 40) -> list[float]:
+    """Median milliseconds of each fn, timed in alternating rounds (fn0, fn1, ... fn0, fn1, ...)
+    so clock drift between variants cancels out; one warm-up call each first."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    t0 = torch.cuda.Event(enable_timing=True)
+    t1 = torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for fn in fns:
+        fn()
+    t1.record()
+    torch.cuda.synchronize()
+    rounds = int(min(max_rounds, max(5, budget_ms / max(t0.elapsed_time(t1), 1e-3))))
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
+              for _ in range(rounds)]
+    for row in events:
+        for fn, (a, b) in zip(fns, row):
+            a.record()
+            fn()
+            b.record()
+    torch.cuda.synchronize()
+    return [statistics.median(row[i][0].elapsed_time(row[i][1]) for row in events) for i in range(len(fns))]
+
+
+def time_sampling(q, k, rows, w, scale, report) -> None:
+    """Stage 1 autotuned, then each SAMPLING_CONFIGS entry pass by pass, appended to report."""
+    S = q.shape[2]
+    try:
+        ms = time_ms(lambda: ts.column_scores_triton(q, k, rows, w, scale))
+        entry = {"kind": "sampling_autotuned", "S": S, "total_ms": ms,
+                 "pass1": str(getattr(ts._row_stats_tuned, "best_config", None)),
+                 "pass2": str(getattr(ts._col_scores_tuned, "best_config", None))}
+    except Exception:
+        entry = {"kind": "sampling_autotuned", "S": S, "error": traceback.format_exc()[-800:]}
+    report["timing"].append(entry)
+    print(entry, flush=True)
+    for cfg in SAMPLING_CONFIGS:
+        try:
+            t1, t2 = time_sampling_passes(q, k, rows, w, scale, cfg)
+            entry = {"kind": "sampling", "S": S, "config": cfg, "pass1_ms": t1, "pass2_ms": t2, "total_ms": t1 + t2}
+        except Exception:
+            entry = {"kind": "sampling", "S": S, "config": cfg, "error": traceback.format_exc()[-800:]}
+        report["timing"].append(entry)
+        print(entry, flush=True)
+
+
+def main(path: str, lengths: list[int], sparse_only: bool = False) -> int:
     """Correctness for every config, then timings at `lengths` (none: correctness with the
-    autotuned configs only, a quick re-check after a change)."""
+    autotuned configs only, a quick re-check after a change; sparse_only: time only the sparse
+    kernel, with and without tensor descriptors)."""
     light = not lengths
     report: dict = {"env": environment(sys.argv), "sparse_checks": [], "sampling_checks": [], "timing": []}
     failures = 0
@@ -166,12 +219,14 @@ def main(path: str, lengths: list[int]) -> int:
     # Odd shapes with the autotuned config; every config on the benchmark's own specialisation
     # (multiples of 16, 32/8 heads) so the timing below reuses those compilations.
     sparse_runs = [((1, 8, 2, 4099, 128), None), ((2, 9, 3, 2000, 64), None)]
-    sparse_runs += [((1, 32, 8, 4096, 128), cfg) for cfg in [None] + ([] if light else SPARSE_CONFIGS)]
-    for case, cfg in sparse_runs:
+    sparse_runs += [((1, 32, 8, 4096, 128), cfg)
+                    for cfg in [None] + ([] if light else SPARSE_CONFIGS + EXTRA_SPARSE_CONFIGS)]
+    sparse_runs = [(case, cfg, tma) for case, cfg in sparse_runs for tma in (0, 1, 2)]
+    for case, cfg, tma in sparse_runs:
         try:
-            r = check_sparse(case, cfg)
+            r = check_sparse(case, cfg, tma)
         except Exception:
-            r = {"case": case, "config": cfg, "ok": False, "error": traceback.format_exc()[-800:]}
+            r = {"case": case, "config": cfg, "tma": tma, "ok": False, "error": traceback.format_exc()[-800:]}
         failures += not r["ok"]
         report["sparse_checks"].append(r)
         print("sparse", r, flush=True)
@@ -206,7 +261,23 @@ def main(path: str, lengths: list[int]) -> int:
     print("graphs", r, flush=True)
     save()
 
-    for S in (16384, 32768):
+    if sparse_only:
+        # the default model's shape (9 x 64, 3 KV heads), pointer loads vs host descriptors
+        for S in (16384, 32768, 65536):
+            g = torch.Generator(device=DEV).manual_seed(S)
+            q = torch.randn(1, 9, S, 64, device=DEV, generator=g).to(torch.bfloat16)
+            k, v = (torch.randn(1, 3, S, 64, device=DEV, generator=g).to(torch.bfloat16) for _ in range(2))
+            for dens in (0.1, 0.2):
+                sel = synthetic_selection(1, 9, S, density=dens, device=DEV, seed=S)
+                counts = tsp.column_counts(sel, tsp.query_block())
+                times = time_interleaved([lambda t=t: tsp.sparse_attention_triton(q, k, v, sel, 0.125, counts=counts, tma=t)
+                                          for t in (0, 2)])
+                entry = {"kind": "sparse_small", "S": S, "density": dens, "tma0_ms": times[0], "tma2_ms": times[1]}
+                report["timing"].append(entry)
+                print(entry, flush=True)
+        save()
+
+    for S in () if sparse_only else (16384, 32768):
         # the default model's shape (9 x 64, 3 KV heads): pass 1 split vs whole, and stage 2
         g = torch.Generator(device=DEV).manual_seed(S)
         q = torch.randn(1, 9, S, 64, device=DEV, generator=g).to(torch.bfloat16)
@@ -247,33 +318,31 @@ def main(path: str, lengths: list[int]) -> int:
         scale = 128**-0.5
         rows = sample_rows(S, 0.05).to(DEV)
         w = fraction_to_tokens(0.05, S)
-        try:
-            ms = time_ms(lambda: ts.column_scores_triton(q, k, rows, w, scale))
-            entry = {"kind": "sampling_autotuned", "S": S, "total_ms": ms,
-                     "pass1": str(getattr(ts._row_stats_tuned, "best_config", None)),
-                     "pass2": str(getattr(ts._col_scores_tuned, "best_config", None))}
-        except Exception:
-            entry = {"kind": "sampling_autotuned", "S": S, "error": traceback.format_exc()[-800:]}
-        report["timing"].append(entry)
-        print(entry, flush=True)
-        for cfg in SAMPLING_CONFIGS:
-            try:
-                t1, t2 = time_sampling_passes(q, k, rows, w, scale, cfg)
-                entry = {"kind": "sampling", "S": S, "config": cfg, "pass1_ms": t1, "pass2_ms": t2, "total_ms": t1 + t2}
-            except Exception:
-                entry = {"kind": "sampling", "S": S, "config": cfg, "error": traceback.format_exc()[-800:]}
-            report["timing"].append(entry)
-            print(entry, flush=True)
-        for dens in (0.1, 0.4):
+        if not sparse_only:
+            time_sampling(q, k, rows, w, scale, report)
+        for dens in (0.03, 0.1, 0.4):
             sel = synthetic_selection(1, 32, S, density=dens, device=DEV, seed=S)
             kept = float(sel.kept_entries().sum())
-            for cfg in [None] + SPARSE_CONFIGS:
+            counts = tsp.column_counts(sel, tsp.query_block())
+            variants = [(None, 0), (None, 2), (SPARSE_CONFIGS[0], 2)] + [(c, 2) for c in EXTRA_SPARSE_CONFIGS]
+            fns = [lambda cfg=cfg, tma=tma: tsp.sparse_attention_triton(q, k, v, sel, scale, config=cfg, counts=counts,
+                                                                       tma=tma) for cfg, tma in variants]
+            ok = []
+            for (cfg, tma), fn in zip(variants, fns):
                 try:
-                    ms = time_ms(lambda: tsp.sparse_attention_triton(q, k, v, sel, scale, config=cfg))
-                    entry = {"kind": "sparse", "S": S, "density": kept / (32 * S * (S + 1) / 2), "config": cfg,
-                             "ms": ms, "tflops": 4 * 128 * kept / ms / 1e9}
+                    fn()
+                    ok.append(True)
                 except Exception:
-                    entry = {"kind": "sparse", "S": S, "density": dens, "config": cfg, "error": traceback.format_exc()[-800:]}
+                    ok.append(False)
+                    report["timing"].append({"kind": "sparse", "S": S, "config": cfg, "tma": tma,
+                                             "error": traceback.format_exc()[-800:]})
+            times = iter(time_interleaved([fn for fn, good in zip(fns, ok) if good]))
+            for (cfg, tma), good in zip(variants, ok):
+                if not good:
+                    continue
+                ms = next(times)
+                entry = {"kind": "sparse", "S": S, "density": kept / (32 * S * (S + 1) / 2), "config": cfg,
+                         "tma": tma, "ms": ms, "tflops": 4 * 128 * kept / ms / 1e9}
                 report["timing"].append(entry)
                 print(entry, flush=True)
             save()
@@ -288,4 +357,5 @@ def main(path: str, lengths: list[int]) -> int:
 
 if __name__ == "__main__":
     spec = sys.argv[2] if len(sys.argv) > 2 else "32768,131072"
-    sys.exit(main(sys.argv[1], [int(x) for x in spec.split(",") if x.strip() and x != "none"]))
+    only = len(sys.argv) > 3 and sys.argv[3] == "sparse"
+    sys.exit(main(sys.argv[1], [int(x) for x in spec.split(",") if x.strip() and x != "none"], sparse_only=only))

@@ -92,6 +92,36 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -
     return B, Hq, Hkv, S, D
 
 
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """Whether the copy engine (TMA) can read/write these tensors' rows: a Hopper-class GPU (or
+    the interpreter), 16-byte aligned base addresses and row strides."""
+    if not interpreting():
+        if not all(t.is_cuda for t in tensors) or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+            return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def ensure_descriptor_allocator() -> None:
+    """Device-side tensor descriptors need a scratch allocator; torch's caching allocator
+    serves it (graph-capture safe: the scratch comes from the capturing pool)."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET:
+        return
+
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:  # noqa: ARG001
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(alloc)
+    _ALLOCATOR_SET = True
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels index rows by strides but read each row as one contiguous vector."""
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -24,9 +24,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .selection import Selection
-from .triton_common import check_qkv, dot_flags, dot_nt, interpreter_compat, interpreting, last_dim_contiguous
+from .triton_common import (
+    check_qkv,
+    dot_flags,
+    dot_nt,
+    ensure_descriptor_allocator,
+    interpreter_compat,
+    interpreting,
+    last_dim_contiguous,
+    tma_compatible,
+)
 
 # Query rows per program. Fixed (not tuned) because the launcher precomputes, per query block,
 # how many selected columns precede the block's band; 128 rows fill a Hopper warpgroup MMA twice.
@@ -63,9 +73,33 @@ def _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask,
     return _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, UPCAST, PREC)
 
 
+@triton.jit
+def _band_kv(k_base, v_base, k_desc, v_desc, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs,
+             EDGE: tl.constexpr, TMA: tl.constexpr):
+    """K and V rows [j0, j0 + BLOCK_N) of the band; rows >= S read as zeros where EDGE."""
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    HEAD_DIM: tl.constexpr = offs_d.shape[0]
+    if TMA == 1:  # the copy engine zero-fills rows past S itself
+        k = k_desc.load([j0, 0])
+        v = v_desc.load([j0, 0])
+    elif TMA == 2:
+        k = k_desc.load([b, hk, j0, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_desc.load([b, hk, j0, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        offs_j = j0 + offs_n
+        if EDGE:
+            kv_ok = offs_j < S
+            k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :])
+            v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :])
+    return k, v
+
+
 @triton.jit(do_not_specialize=["S_BUCKET"])
 def _sparse_attn_fwd(
-    Q, K, V, O, WIN, COLS, CNT,
+    Q, K, V, O, QD, KD, VD, OD, WIN, COLS, CNT,
     qk_scale, S, H_Q, GROUP, N_MBLK,
     s_qb, s_qh, s_qs,
     s_kb, s_kh, s_ks,
@@ -74,7 +108,7 @@ def _sparse_attn_fwd(
     s_cb, s_ch,
     S_BUCKET,  # unused in the body: the autotuner's length key
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     bh = tl.program_id(0)
     mblk = N_MBLK - 1 - tl.program_id(1)  # heaviest (last) query blocks first
@@ -91,7 +125,23 @@ def _sparse_attn_fwd(
     k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
     row_ok = offs_m < S
-    q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    # TMA 1/2: contiguous tiles (Q, the band, O) through the copy engine, with descriptors made
+    # per program (1) or on the host (2, QD..OD over the whole (B, H, S, D) tensors); the
+    # gathered columns always use ordinary loads.
+    if TMA == 1:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[S, HEAD_DIM], strides=[s_qs, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[S, HEAD_DIM], strides=[s_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[S, HEAD_DIM], strides=[s_vs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        q = q_desc.load([m0, 0])
+    elif TMA == 2:
+        k_desc, v_desc = KD, VD
+        q = QD.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        k_desc, v_desc = k_base, v_base  # unused placeholders
+        q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     w = tl.load(WIN + bh)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -125,46 +175,61 @@ def _sparse_attn_fwd(
     t_a = tl.minimum(tl.cdiv(tl.maximum(m1 - w - lo, 0), BLOCK_N), n_tiles)
     t_b = tl.maximum(tl.minimum((m0 + 1 - lo) // BLOCK_N, n_tiles), t_a)
     for t in range(0, t_a):
-        offs_j = lo + t * BLOCK_N + offs_n
-        kv_ok = offs_j < S
-        k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        j0 = lo + t * BLOCK_N
+        offs_j = j0 + offs_n
+        k, v = _band_kv(k_base, v_base, k_desc, v_desc, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, True, TMA)
         mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
     for t in range(t_a, t_b):
-        offs_j = lo + t * BLOCK_N + offs_n
-        k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :])
-        v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :])
+        j0 = lo + t * BLOCK_N
+        k, v = _band_kv(k_base, v_base, k_desc, v_desc, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, False, TMA)
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
     for t in range(t_b, n_tiles):
-        offs_j = lo + t * BLOCK_N + offs_n
-        kv_ok = offs_j < S
-        k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        j0 = lo + t * BLOCK_N
+        offs_j = j0 + offs_n
+        k, v = _band_kv(k_base, v_base, k_desc, v_desc, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, True, TMA)
         mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
 
     # Rows past S (last block only) may have seen no key; they are not stored.
     out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
     o_base = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
-    tl.store(o_base + offs_m[:, None] * s_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if TMA == 2:
+        OD.store([b, h, m0, 0], out.to(O.dtype.element_ty).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    elif TMA == 1:
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[S, HEAD_DIM], strides=[s_os, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        o_desc.store([m0, 0], out.to(O.dtype.element_ty))
+    else:
+        tl.store(o_base + offs_m[:, None] * s_os + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
 
 
 # Few configs, keyed on head_dim, precision and the power-of-two length bucket. On an H100 with
 # hd 128, BLOCK_N 128 / 8 warps / 3 stages won everywhere from 32K to 128K; BLOCK_N 64 / 4 warps
 # ran at half its speed and 2 stages 13-27% slower (docs/KERNEL_NOTES.md). The 64-wide config
 # stays for head_dim 64 and short sequences, where it has not been measured to lose.
+def _kv_block_shape(nargs: dict) -> None:
+    """Autotune pre-hook: host-side K/V descriptors (TMA 2) load tiles of the config's BLOCK_N."""
+    for name in ("KD", "VD"):
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
 _CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+    triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns, pre_hook=_kv_block_shape)
     for bn, nw, ns in [(128, 8, 3), (64, 4, 3)]
 ]
 # Base of a fixed launch (`config=`): the config the autotuner chose on an H100 (KERNEL_NOTES.md).
 # Warp-specializing the band's unmasked loop (tl.range(..., warp_specialize=True)) measured no
 # gain on the H100 (35.96 vs 36.11 ms at 10%, 134.4 vs 133.0 ms at 40%, 128K; KERNEL_NOTES.md v4).
 FIXED_CONFIG: dict[str, int] = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+# Q, O and the band's tiles through the copy engine where the GPU and the strides allow: 0 no,
+# 1 descriptors made by each program, 2 descriptors made once on the host.
+USE_TMA = 2
 
 _sparse_attn_fwd_tuned = triton.autotune(
-    configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC"]
+    configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC", "TMA"]
 )(_sparse_attn_fwd)
 
 
@@ -202,6 +267,7 @@ def sparse_attention_triton(
     out: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
     counts: torch.Tensor | None = None,
+    tma: int | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention over the entries kept by `sel` (Triton).
 
@@ -217,6 +283,9 @@ def sparse_attention_triton(
     counts: optional (B*Hq, ceil(S / query_block()), 2) int32, per query block [m0, m1) the
         number of selected columns <= m0 - w and <= m1 - 1 - w, as stage 2 on the Triton
         backend produces them (triton_selection); computed here when absent.
+    tma: read Q, the band and write O through tensor descriptors: 0 no, 1 made per program, 2
+        made on the host (None: USE_TMA, never under the interpreter); falls back to ordinary
+        loads on GPUs without the copy engine or when the tensors' alignment does not allow it.
     Returns out (B, Hq, S, D), q's dtype: row i of head h is the softmax-weighted
     sum over keys j <= i with i - window < j, or j a selected column with j <= i - window.
     """
@@ -253,9 +322,20 @@ def sparse_attention_triton(
     assert tuple(counts.shape) == (B * Hq, n_mblk, 2) and counts.dtype == torch.int32 and counts.is_contiguous(), (
         f"counts must be contiguous int32 ({B * Hq}, {n_mblk}, 2), got {tuple(counts.shape)} {counts.dtype}"
     )
+    if tma is None:
+        tma = 0 if interpreting() else USE_TMA
+    tma = int(tma) if tma_compatible(q, k, v, out) else 0
+    descs: tuple = (None, None, None, None)
+    if tma == 1 and not interpreting():
+        ensure_descriptor_allocator()
+    elif tma == 2:
+        bn = _INTERPRET_BLOCK_N if interpreting() else {**FIXED_CONFIG, **(config or {})}["BLOCK_N"]
+        descs = tuple(
+            TensorDescriptor.from_tensor(t, [1, 1, rows, D]) for t, rows in ((q, block_m), (k, bn), (v, bn), (out, block_m))
+        )
     grid = (B * Hq, n_mblk)
     args = (
-        q, k, v, out, window, cols, counts,
+        q, k, v, out, *descs, window, cols, counts,
         qk_scale, S, Hq, Hq // Hkv, n_mblk,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -267,17 +347,18 @@ def sparse_attention_triton(
         interpreter_compat()
         _sparse_attn_fwd[grid](
             *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=_INTERPRET_BLOCK_N,
-            UPCAST=upcast, PREC=precision,
+            UPCAST=upcast, PREC=precision, TMA=tma,
         )
     elif config is not None:
         cfg = {**FIXED_CONFIG, **config}
         _sparse_attn_fwd[grid](
             *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-            UPCAST=upcast, PREC=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            UPCAST=upcast, PREC=precision, TMA=tma,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     else:
         _sparse_attn_fwd_tuned[grid](
             *args, S_BUCKET=max(S - 1, 1).bit_length(), HEAD_DIM=D, BLOCK_M=block_m,
-            UPCAST=upcast, PREC=precision,
+            UPCAST=upcast, PREC=precision, TMA=tma,
         )
     return out

@@ -26,6 +26,7 @@ from sacli.kernels import reference  # noqa: E402
 from sacli.kernels.selection import Selection, sample_rows, select_columns, selection_mask  # noqa: E402
 from sacli.kernels.triton_sampling import column_scores_triton  # noqa: E402
 from sacli.kernels.triton_selection import select_columns_triton  # noqa: E402
+from sacli.kernels.triton_common import tma_compatible  # noqa: E402
 from sacli.kernels.triton_sparse import sparse_attention_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,6 +151,34 @@ def test_sparse_accepts_strided_inputs():
     sel = _random_selection(B, Hq, S, seed=4)
     out = sparse_attention_triton(q, k, v, sel, D**-0.5)
     _assert_within_torch_error(out, q, k, v, selection_mask(sel), D**-0.5)
+
+
+@pytest.mark.parametrize("case", [SPARSE_CASES[0], SPARSE_CASES[1], SPARSE_CASES[4], "hf_layout"])
+@pytest.mark.parametrize("tma", [1, 2], ids=["device_descriptors", "host_descriptors"])
+def test_sparse_tma_path_equals_pointer_path(case, tma):
+    """Q, the band and O through tensor descriptors: the same output as ordinary loads, bit for
+    bit (same tiles, same order), including rows past S that the copy engine zero-fills."""
+    if case == "hf_layout":  # (B, S, H, D) storage viewed as (B, H, S, D)
+        B, Hq, Hkv, S, D, dtype = 2, 4, 2, 50, 64, torch.bfloat16
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(B, Hq, Hkv, S, D, dtype, seed=9))
+    else:
+        B, Hq, Hkv, S, D, dtype = case
+        q, k, v = _qkv(B, Hq, Hkv, S, D, dtype, seed=S + D + 1)
+    sel = _random_selection(B, Hq, S, seed=S + 1)
+    assert tma_compatible(q, k, v)
+    a = sparse_attention_triton(q, k, v, sel, D**-0.5, tma=tma, out=_poisoned((B, Hq, S, D), dtype))
+    b = sparse_attention_triton(q, k, v, sel, D**-0.5, tma=0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_within_torch_error(a, q, k, v, selection_mask(sel), D**-0.5)
+
+
+def test_tma_needs_16_byte_strides():
+    """A row stride that is not a multiple of 16 bytes falls back to ordinary loads."""
+    base = torch.zeros(2, 3, 10, 64 + 8, dtype=torch.bfloat16, device=DEVICE)
+    assert tma_compatible(base)
+    assert not tma_compatible(base[..., 2:66])  # base address off by 4 bytes
+    odd = torch.zeros(2, 3, 10, 67, dtype=torch.bfloat16, device=DEVICE)[..., :64]  # row stride 134 bytes
+    assert not tma_compatible(odd)
 
 
 def test_sparse_rejects_bad_input():
