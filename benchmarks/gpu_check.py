@@ -19,6 +19,7 @@ import traceback
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sacli.bench import environment, synthetic_selection, time_ms
 from sacli.kernels import backend as kb
@@ -36,9 +37,10 @@ EXTRA_SPARSE_CONFIGS = [
 SAMPLING_CONFIGS = [
     {},
     {"pipe1": 1, "pipe2": 1},
-    {"pipe1": 1, "pipe2": 1, "warps2": 8},
-    {"pipe1": 1, "keys_per_tile": 64, "pipe2": 1, "stages2": 2},
-    {"pipe1": 1, "warps1": 8, "pipe2": 1, "rows_per_step": 32},
+    {"pipe1": 1, "pipe2": 1, "tma1": 1},
+    {"tma1": 1},
+    {"pipe1": 1, "keys_per_tile": 64, "pipe2": 1, "stages2": 2, "tma1": 1},
+    {"pipe1": 1, "warps1": 8, "pipe2": 1, "tma1": 1},
 ]
 
 
@@ -119,6 +121,12 @@ def check_sampling(case, config):
 
 def time_sampling_passes(q, k, rows, w, scale, cfg):
     """Milliseconds of pass 1 and pass 2 separately, launching the kernels directly."""
+    p1, p2 = sampling_pass_fns(q, k, rows, w, scale, cfg)
+    return time_ms(p1), time_ms(p2)
+
+
+def sampling_pass_fns(q, k, rows, w, scale, cfg):
+    """Callables launching pass 1 (one split) and pass 2 of stage 1 directly with config cfg."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     c = {**ts.DEFAULT_CONFIG, **cfg}
@@ -134,12 +142,15 @@ def time_sampling_passes(q, k, rows, w, scale, cfg):
 
     keys = triton.cdiv(S, 128) * 128  # one split: the pass as the 8B shape runs it
 
+    tma = c["tma1"] == 1
+    kd = TensorDescriptor.from_tensor(k, [1, 1, c["keys_per_tile"], D]) if tma else None
+
     def p1():
         ts._row_stats[(B * Hq, n_chunk, 1)](
-            q, k, rows32, bias, mass, bias, qk_scale, S, R, w, Hq, Hq // Hkv, n_chunk, keys,
+            q, k, kd, rows32, bias, mass, bias, qk_scale, S, R, w, Hq, Hq // Hkv, n_chunk, keys,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sb,
             HEAD_DIM=D, BLOCK_R=c["rows_per_program"], BLOCK_N=c["keys_per_tile"], UPCAST=upcast, PREC=prec,
-            PIPE=bool(c["pipe1"]), SPLIT=False, num_warps=c["warps1"], num_stages=c["stages1"])
+            PIPE=bool(c["pipe1"]), SPLIT=False, TMA=tma, num_warps=c["warps1"], num_stages=c["stages1"])
 
     bn = c["cols_per_program"]
     n_cblk = triton.cdiv(S, bn)
@@ -153,7 +164,7 @@ def time_sampling_passes(q, k, rows, w, scale, cfg):
             HEAD_DIM=D, BLOCK_N=bn, BLOCK_R=c["rows_per_step"], UPCAST=upcast, PREC=prec,
             PIPE=bool(c["pipe2"]), num_warps=c["warps2"], num_stages=c["stages2"])
 
-    return time_ms(p1), time_ms(p2)
+    return p1, p2
 
 
 def time_interleaved(fns, budget_ms: float = 2000.0, max_rounds: int = 40) -> list[float]:
@@ -191,6 +202,15 @@ def time_sampling(q, k, rows, w, scale, report) -> None:
                  "pass2": str(getattr(ts._col_scores_tuned, "best_config", None))}
     except Exception:
         entry = {"kind": "sampling_autotuned", "S": S, "error": traceback.format_exc()[-800:]}
+    report["timing"].append(entry)
+    print(entry, flush=True)
+    # pass 1 with pointer loads vs the key tiles through a descriptor, in alternating rounds
+    try:
+        variants = [{"pipe1": p, "tma1": t} for p in (0, 1) for t in (0, 1)]
+        times = time_interleaved([sampling_pass_fns(q, k, rows, w, scale, c)[0] for c in variants])
+        entry = {"kind": "pass1_tma", "S": S, "variants": variants, "ms": times}
+    except Exception:
+        entry = {"kind": "pass1_tma", "S": S, "error": traceback.format_exc()[-800:]}
     report["timing"].append(entry)
     print(entry, flush=True)
     for cfg in SAMPLING_CONFIGS:

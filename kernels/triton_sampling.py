@@ -29,8 +29,17 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .triton_common import check_qkv, dot_flags, dot_nt, interpreter_compat, interpreting, last_dim_contiguous
+from .triton_common import (
+    check_qkv,
+    dot_flags,
+    dot_nt,
+    interpreter_compat,
+    interpreting,
+    last_dim_contiguous,
+    tma_compatible,
+)
 
 # Tiles under the interpreter: small, so tiny test shapes cross several tiles and edges.
 _INTERPRET_TILE = 16
@@ -44,14 +53,26 @@ def _stats_update(m_i, l_i, qk, qk_scale):
     return m_new, l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
 
 
+@triton.jit
+def _k_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, EDGE: tl.constexpr, TMA: tl.constexpr):
+    """Keys [start, start + BLOCK_N) of one KV head; rows >= S read as zeros where EDGE. TMA: through
+    the host-made descriptor KD over (B, Hkv, S, D), which zero-fills rows past S itself."""
+    if TMA:
+        return KD.load([b, hk, start, 0]).reshape(offs_n.shape[0], offs_d.shape[0])
+    offs_j = start + offs_n
+    if EDGE:
+        return tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=(offs_j < S)[:, None], other=0.0)
+    return tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :])
+
+
 @triton.jit(do_not_specialize=["S_BUCKET"])
 def _row_stats(
-    Q, K, ROWS, BIAS, WMASS, PART,
+    Q, K, KD, ROWS, BIAS, WMASS, PART,
     qk_scale, S, R, W, H_Q, GROUP, N_CHUNK, KEYS_PER_SPLIT,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks,
     S_BUCKET,  # unused in the body: the autotuner's length key
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, PIPE: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, PIPE: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
 ):
     bh = tl.program_id(0)
     chunk = N_CHUNK - 1 - tl.program_id(1)  # rows are sorted: the longest rows first
@@ -84,19 +105,21 @@ def _row_stats(
     if PIPE:
         # Software-pipelined: the next tile's QK^T is issued before this tile's exp and sums.
         if clear_hi > k_lo:
-            qk = dot_nt(q, tl.load(k_base + (k_lo + offs_n)[:, None] * s_ks + offs_d[None, :]), UPCAST, PREC)
+            k = _k_tile(k_base, KD, b, hk, k_lo, offs_n, offs_d, S, s_ks, False, TMA)
+            qk = dot_nt(q, k, UPCAST, PREC)
             for start in range(k_lo + BLOCK_N, clear_hi, BLOCK_N):
-                qk_next = dot_nt(q, tl.load(k_base + (start + offs_n)[:, None] * s_ks + offs_d[None, :]), UPCAST, PREC)
+                k = _k_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, False, TMA)
+                qk_next = dot_nt(q, k, UPCAST, PREC)
                 m_i, l_all = _stats_update(m_i, l_all, qk, qk_scale)
                 qk = qk_next
             m_i, l_all = _stats_update(m_i, l_all, qk, qk_scale)
     else:
         for start in range(k_lo, clear_hi, BLOCK_N):
-            k = tl.load(k_base + (start + offs_n)[:, None] * s_ks + offs_d[None, :])
+            k = _k_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, False, TMA)
             m_i, l_all = _stats_update(m_i, l_all, dot_nt(q, k, UPCAST, PREC), qk_scale)
     for start in range(clear_hi, k_hi, BLOCK_N):
         offs_j = start + offs_n
-        k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=(offs_j < S)[:, None], other=0.0)
+        k = _k_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, True, TMA)
         qk = dot_nt(q, k, UPCAST, PREC)
         qk = tl.where(offs_j[None, :] <= rows[:, None], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -202,15 +225,21 @@ ROWS_PER_STEP = 64
 
 # Each pass is autotuned over a few configs (it is idempotent: pass 1 writes its row statistics,
 # pass 2 its columns, nothing accumulates across launches). PIPE: software-pipelined loop.
+def _k_block_shape(nargs: dict) -> None:
+    """Autotune pre-hook: the host-made K descriptor (TMA) loads tiles of the config's BLOCK_N."""
+    if nargs.get("KD") is not None:
+        nargs["KD"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
 _PASS1_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "PIPE": pipe}, num_warps=nw, num_stages=ns)
+    triton.Config({"BLOCK_N": bn, "PIPE": pipe}, num_warps=nw, num_stages=ns, pre_hook=_k_block_shape)
     for bn, pipe, nw, ns in [(128, False, 4, 3), (128, True, 4, 3), (64, True, 4, 3), (128, True, 8, 3)]
 ]
 _PASS2_CONFIGS = [
     triton.Config({"PIPE": pipe}, num_warps=nw, num_stages=ns)
     for pipe, nw, ns in [(False, 4, 3), (True, 4, 3), (True, 8, 3), (True, 4, 2)]
 ]
-_row_stats_tuned = triton.autotune(configs=_PASS1_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC"])(_row_stats)
+_row_stats_tuned = triton.autotune(configs=_PASS1_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC", "TMA"])(_row_stats)
 _col_scores_tuned = triton.autotune(configs=_PASS2_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC"])(_col_scores)
 
 # A fixed launch (benchmarks compare configs with `config=`; the interpreter uses small tiles).
@@ -226,7 +255,11 @@ DEFAULT_CONFIG: dict[str, int] = {
     "warps2": 4,
     "stages2": 3,
     "pipe2": 0,
+    "tma1": -1,
 }
+# Pass 1's key tiles through a host-made tensor descriptor (the copy engine) where the GPU and
+# the strides allow (tma1 -1: this default; 0 / 1 force it off / on).
+USE_TMA = True
 
 
 # Pass 1 runs one program per chunk of 64 sampled rows. When those are too few to fill the GPU
@@ -279,7 +312,9 @@ def column_scores_triton(
     out: optional (scores, window_mass) float32 contiguous tensors to write into.
     config: optional fixed launch config overriding DEFAULT_CONFIG's keys, instead of the
         autotuned launches (benchmarks compare configs with it); keys_per_split > 0 fixes
-        pass 1's split of the keys (0: automatic, see _keys_per_split).
+        pass 1's split of the keys (0: automatic, see _keys_per_split); tma1 1 / 0 forces pass
+        1's key tiles through a tensor descriptor or not (-1: USE_TMA on a GPU, never under the
+        interpreter; off wherever the alignment does not allow it).
     Returns, float32 contiguous on q's device:
       scores (B, Hq, S): mean over sampled rows r of p_r[j] * [j <= r - w];
       window_mass (B, Hq, R): per sampled row, the softmax mass of its band.
@@ -323,18 +358,23 @@ def column_scores_triton(
     keys_per_split = _keys_per_split(cfg["keys_per_split"], B * Hq * n_chunk, S, q.device, interp)
     n_split = triton.cdiv(S, keys_per_split)
     part = torch.empty((3, B * Hq, n_split, R), dtype=torch.float32, device=q.device) if n_split > 1 else bias
+    tma = bool(USE_TMA and not interp) if cfg["tma1"] < 0 else bool(cfg["tma1"])
+    tma = tma and tma_compatible(k)
+    kd = TensorDescriptor.from_tensor(k, [1, 1, block_n1, D]) if tma else None
     args1 = (
-        q, k, rows, bias, window_mass, part,
+        q, k, kd, rows, bias, window_mass, part,
         qk_scale, S, R, window_tokens, Hq, Hq // Hkv, n_chunk, keys_per_split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), s_bucket,
     )
     grid1 = (B * Hq, n_chunk, n_split)
     if tuned:
-        _row_stats_tuned[grid1](*args1, HEAD_DIM=D, BLOCK_R=block_r1, UPCAST=upcast, PREC=precision, SPLIT=n_split > 1)
+        _row_stats_tuned[grid1](
+            *args1, HEAD_DIM=D, BLOCK_R=block_r1, UPCAST=upcast, PREC=precision, SPLIT=n_split > 1, TMA=tma
+        )
     else:
         _row_stats[grid1](
             *args1, HEAD_DIM=D, BLOCK_R=block_r1, BLOCK_N=block_n1, UPCAST=upcast, PREC=precision,
-            PIPE=bool(cfg["pipe1"]), SPLIT=n_split > 1,
+            PIPE=bool(cfg["pipe1"]), SPLIT=n_split > 1, TMA=tma,
             **({} if interp else {"num_warps": cfg["warps1"], "num_stages": cfg["stages1"]}),
         )
     if n_split > 1:

@@ -237,6 +237,25 @@ def test_column_scores_match_reference(B, Hq, Hkv, S, D, dtype, w, ratio, block,
     torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", [SAMPLING_CASES[0], SAMPLING_CASES[1], SAMPLING_CASES[3], "hf_layout"])
+@pytest.mark.parametrize("split", [0, 32], ids=["whole", "split"])
+def test_column_scores_tma_keys_equal_pointer_keys(case, split):
+    """Pass 1's key tiles through a tensor descriptor: the same scores and masses as ordinary
+    loads, bit for bit, including the zero-filled rows past S of the last tile."""
+    if case == "hf_layout":  # (B, S, H, D) storage viewed as (B, H, S, D)
+        B, Hq, Hkv, S, D, dtype, w, ratio, block = 2, 4, 2, 90, 64, torch.bfloat16, 9, 0.4, 16
+        q, k, _ = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(B, Hq, Hkv, S, D, dtype, seed=3))
+    else:
+        B, Hq, Hkv, S, D, dtype, w, ratio, block = case
+        q, k, _ = _qkv(B, Hq, Hkv, S, D, dtype, seed=S + w + 1)
+    assert tma_compatible(k)
+    rows = sample_rows(S, ratio, block=block).to(DEVICE)
+    scale = D**-0.5
+    got = [column_scores_triton(q, k, rows, w, scale, config={"keys_per_split": split, "tma1": t}) for t in (1, 0)]
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_selection_from_kernel_scores_matches_reference_selection():
     """Stage 2 is shared PyTorch code: the kernel's scores lead to the reference's columns."""
     B, Hq, Hkv, S, D, w = 1, 2, 1, 200, 64, 10
