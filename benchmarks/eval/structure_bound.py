@@ -12,7 +12,11 @@ selection reaches.
     python benchmarks/eval/structure_bound.py --text ../shared/books/moby_dick_2701.txt \
         --length 8K --layers 5,15,25 --alphas 0.95,0.98 --out benchmarks/eval/structure_bound_8k_cpu.json
 
-CPU float32, one head at a time (S x S probabilities in memory: 256 MiB at 8K).
+float32, one head at a time (S x S probabilities in memory: 256 MiB at 8K, 4 GiB at 32K, about
+ten such matrices at once); `--device cuda` for long inputs:
+
+    python benchmarks/eval/structure_bound.py --text moby_dick_2701.txt --length 32K --layers 5,15,25 \
+        --alphas 0.95,0.98,0.99 --device cuda --out structure_bound_32k_gpu.json
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ ROUND = 512  # items taken per greedy round before masses are recomputed on what
 def _select(P: torch.Tensor, alpha: float, diagonals: bool) -> torch.Tensor:
     """(S, S) bool mask of the best window + greedy columns (+ diagonals) reaching mean mass alpha."""
     S = P.shape[0]
-    i = torch.arange(S)
+    i = torch.arange(S, device=P.device)
     dist = i[:, None] - i[None, :]
     causal = dist >= 0
     gather_idx = (i[:, None] - i[None, :]).clamp(min=0)  # row r, offset d -> column r - d
@@ -65,7 +69,8 @@ def _select(P: torch.Tensor, alpha: float, diagonals: bool) -> torch.Tensor:
             if order.numel() == 0:
                 break
             taken = m[order].cumsum(0)
-            n = min(int(torch.searchsorted(taken, torch.tensor([need], dtype=taken.dtype))[0]) + 1, order.numel())
+            need_t = torch.tensor([need], dtype=taken.dtype, device=taken.device)
+            n = min(int(torch.searchsorted(taken, need_t)[0]) + 1, order.numel())
             order = order[:n]
             need -= float(m[order].sum())
             for item in order.tolist():
@@ -74,7 +79,7 @@ def _select(P: torch.Tensor, alpha: float, diagonals: bool) -> torch.Tensor:
                     residual[:, item] = 0
                 else:
                     d = item - S
-                    r = torch.arange(d, S)
+                    r = torch.arange(d, S, device=P.device)
                     mask[r, r - d] = True
                     residual[r, r - d] = 0
         kept = float(mask.sum())
@@ -97,9 +102,12 @@ def main() -> None:
     ap.add_argument("--layers", default="0,5,10,15,20,25")
     ap.add_argument("--alphas", default="0.95,0.98,0.99")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the model and the oracle)")
+    ap.add_argument("--no-diagonals", action="store_true", help="skip the window+columns+diagonals family")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    settings = load_settings({"device": "cpu", "dtype": "auto", "rope_scale": "yarn"}, environ={})
+    settings = load_settings({"device": args.device, "dtype": "auto", "rope_scale": "yarn"}, environ={})
+    families = (("window+columns", False),) + (() if args.no_diagonals else (("window+columns+diagonals", True),))
     (S,) = ev.parse_lengths(args.length)
     layers = [int(x) for x in args.layers.split(",")]
     alphas = ev.parse_floats(args.alphas, "--alphas")
@@ -112,6 +120,8 @@ def main() -> None:
     def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
         if layer in layers:
             captured[layer] = (q[0].float().clone(), k[0].float().clone(), v[0].float().clone(), scale)
+            if args.device != "cpu":
+                torch.cuda.empty_cache()
 
     with torch.inference_mode(), capture_attention(lm.model, on_layer):
         lm.model(input_ids=ids.to(lm.device), use_cache=False, logits_to_keep=1)
@@ -124,13 +134,13 @@ def main() -> None:
         for h in range(q.shape[0]):
             kh, vh = k[h // G], v[h // G]
             logits = (q[h] @ kh.T) * scale
-            logits.masked_fill_(torch.ones(S, S, dtype=torch.bool).triu(1), -math.inf)
+            logits.masked_fill_(torch.ones(S, S, dtype=torch.bool, device=logits.device).triu(1), -math.inf)
             P = torch.softmax(logits, -1)
             out = P @ vh
             rec: dict[str, Any] = {"layer": layer, "head": h}
             for a in alphas:
                 rec[f"row_oracle_density@{a}"] = float(oracle_row_counts(P, a).sum()) / causal
-                for fam, diag in (("window+columns", False), ("window+columns+diagonals", True)):
+                for fam, diag in families:
                     mask = _select(P, a, diag)
                     rec[f"{fam}@{a}"] = {"density": float(mask.sum()) / causal, "err": _error(P, mask, vh, out)}
             heads.append(rec)
@@ -140,7 +150,7 @@ def main() -> None:
     summary: dict[str, Any] = {}
     for a in alphas:
         summary[f"row_oracle_density@{a}"] = statistics.fmean(r[f"row_oracle_density@{a}"] for r in heads)
-        for fam in ("window+columns", "window+columns+diagonals"):
+        for fam, _ in families:
             key = f"{fam}@{a}"
             errs = [r[key]["err"] for r in heads]
             summary[key] = {"density_mean": statistics.fmean(r[key]["density"] for r in heads),
