@@ -223,10 +223,10 @@ def time_sampling(q, k, rows, w, scale, report) -> None:
         print(entry, flush=True)
 
 
-def main(path: str, lengths: list[int], sparse_only: bool = False) -> int:
+def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only: bool = False) -> int:
     """Correctness for every config, then timings at `lengths` (none: correctness with the
     autotuned configs only, a quick re-check after a change; sparse_only: time only the sparse
-    kernel, with and without tensor descriptors)."""
+    kernel, with and without tensor descriptors; sampling_only: skip the sparse kernel's timing)."""
     light = not lengths
     report: dict = {"env": environment(sys.argv), "sparse_checks": [], "sampling_checks": [], "timing": []}
     failures = 0
@@ -340,7 +340,7 @@ def main(path: str, lengths: list[int], sparse_only: bool = False) -> int:
         w = fraction_to_tokens(0.05, S)
         if not sparse_only:
             time_sampling(q, k, rows, w, scale, report)
-        for dens in (0.03, 0.1, 0.4):
+        for dens in () if sampling_only else (0.03, 0.1, 0.4):
             sel = synthetic_selection(1, 32, S, density=dens, device=DEV, seed=S)
             kept = float(sel.kept_entries().sum())
             counts = tsp.column_counts(sel, tsp.query_block())
@@ -377,5 +377,6 @@ def main(path: str, lengths: list[int], sparse_only: bool = False) -> int:
 
 if __name__ == "__main__":
     spec = sys.argv[2] if len(sys.argv) > 2 else "32768,131072"
-    only = len(sys.argv) > 3 and sys.argv[3] == "sparse"
-    sys.exit(main(sys.argv[1], [int(x) for x in spec.split(",") if x.strip() and x != "none"], sparse_only=only))
+    part = sys.argv[3] if len(sys.argv) > 3 else ""
+    sys.exit(main(sys.argv[1], [int(x) for x in spec.split(",") if x.strip() and x != "none"],
+                  sparse_only=part == "sparse", sampling_only=part == "sampling"))
