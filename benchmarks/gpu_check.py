@@ -74,21 +74,22 @@ def random_selection(B, H, S, seed):
 
 
 def check_sparse(case, config, tma=None):
-    B, Hq, Hkv, S, D = case
+    B, Hq, Hkv, S, D, *rest = case
+    dtype = rest[0] if rest else torch.bfloat16
     g = torch.Generator(device=DEV).manual_seed(S * D + Hq)
-    q = torch.randn(B, Hq, S, D, device=DEV, generator=g).to(torch.bfloat16)
-    k = torch.randn(B, Hkv, S, D, device=DEV, generator=g).to(torch.bfloat16)
-    v = torch.randn(B, Hkv, S, D, device=DEV, generator=g).to(torch.bfloat16)
+    q = torch.randn(B, Hq, S, D, device=DEV, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, S, D, device=DEV, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, D, device=DEV, generator=g).to(dtype)
     sel = random_selection(B, Hq, S, seed=S)
     mask = selection_mask(sel)
     scale = D**-0.5
     out = torch.full_like(q, float("nan"))
     tsp.sparse_attention_triton(q, k, v, sel, scale, out=out, config=config, tma=tma)
     ref = masked_attention(q, k, v, mask, scale, torch.float64)
-    torch_err = (masked_attention(q, k, v, mask, scale, torch.bfloat16).double() - ref).abs().max().item()
+    torch_err = (masked_attention(q, k, v, mask, scale, dtype).double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
     ok = bool(not torch.isnan(out).any()) and err <= 2 * torch_err + 1e-5
-    return {"case": case, "config": config, "tma": tma, "err": err, "torch_bf16_err": torch_err, "ok": ok}
+    return {"case": [*case[:5], str(dtype)], "config": config, "tma": tma, "err": err, "torch_err": torch_err, "ok": ok}
 
 
 def check_sampling(case, config):
@@ -238,7 +239,9 @@ def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only
 
     # Odd shapes with the autotuned config; every config on the benchmark's own specialisation
     # (multiples of 16, 32/8 heads) so the timing below reuses those compilations.
-    sparse_runs = [((1, 8, 2, 4099, 128), None), ((2, 9, 3, 2000, 64), None)]
+    sparse_runs = [((1, 8, 2, 4099, 128), None), ((2, 9, 3, 2000, 64), None),
+                   ((1, 4, 2, 1000, 128, torch.float16), None), ((1, 4, 2, 1000, 64, torch.float32), None),
+                   ((1, 4, 2, 1000, 128, torch.float32), None)]
     sparse_runs += [((1, 32, 8, 4096, 128), cfg)
                     for cfg in [None] + ([] if light else SPARSE_CONFIGS + EXTRA_SPARSE_CONFIGS)]
     sparse_runs = [(case, cfg, tma) for case, cfg in sparse_runs for tma in (0, 1, 2)]
