@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=0.05, help="the window knob (adaptive: per-head choice around it)")
     ap.add_argument("--sample-ratio", type=float, default=0.05)
     ap.add_argument("--only", default=None, help="comma-separated families to run (default all)")
+    ap.add_argument("--extra", default=None,
+                    help='JSON: more adaptive variants, {"name": {"alpha": A, "rule": {RuleConfig field: value}}}')
     ap.add_argument("--e2e", action="store_true", help="also perplexity / KL / top-1 of the last --last tokens")
     ap.add_argument("--last", type=int, default=1024)
     ap.add_argument("--out", type=Path, required=True)
@@ -133,6 +135,10 @@ def main() -> None:
     if args.only:
         fams = set(args.only.split(","))
         chosen = {n: v for n, v in chosen.items() if v[0].split(",")[0] in fams}
+    for name, spec in json.loads(args.extra or "{}").items():
+        chosen[name] = ("adaptive, " + name, {"alpha": float(spec["alpha"]), "window": args.window,
+                                              "sample_ratio": float(spec.get("sample_ratio", args.sample_ratio)),
+                                              "rule": dict(spec.get("rule", {}))})
     selectors = {name: make_selector(fam, p) for name, (fam, p) in chosen.items()}
     body = ev.read_text(args.text)
     cache = ev.ModelCache(settings, lambda m: print(m, file=sys.stderr))
