@@ -359,7 +359,7 @@ def column_scores_triton(
     n_split = triton.cdiv(S, keys_per_split)
     part = torch.empty((3, B * Hq, n_split, R), dtype=torch.float32, device=q.device) if n_split > 1 else bias
     tma = bool(USE_TMA and not interp) if cfg["tma1"] < 0 else bool(cfg["tma1"])
-    tma = tma and tma_compatible(k)
+    tma = tma and tma_compatible(k) and (interp or S >= 128)  # as in triton_sparse: the checked regime
     kd = TensorDescriptor.from_tensor(k, [1, 1, block_n1, D]) if tma else None
     args1 = (
         q, k, kd, rows, bias, window_mass, part,
