@@ -244,7 +244,7 @@ def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only
                    ((1, 4, 2, 1000, 128, torch.float32), None)]
     sparse_runs += [((1, 32, 8, 4096, 128), cfg)
                     for cfg in [None] + ([] if light else SPARSE_CONFIGS + EXTRA_SPARSE_CONFIGS)]
-    sparse_runs = [(case, cfg, tma) for case, cfg in sparse_runs for tma in (0, 1, 2)]
+    sparse_runs = [(case, cfg, tma) for case, cfg in sparse_runs for tma in (False, True)]
     for case, cfg, tma in sparse_runs:
         try:
             r = check_sparse(case, cfg, tma)
@@ -294,8 +294,8 @@ def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only
                 sel = synthetic_selection(1, 9, S, density=dens, device=DEV, seed=S)
                 counts = tsp.column_counts(sel, tsp.query_block())
                 times = time_interleaved([lambda t=t: tsp.sparse_attention_triton(q, k, v, sel, 0.125, counts=counts, tma=t)
-                                          for t in (0, 2)])
-                entry = {"kind": "sparse_small", "S": S, "density": dens, "tma0_ms": times[0], "tma2_ms": times[1]}
+                                          for t in (False, True)])
+                entry = {"kind": "sparse_small", "S": S, "density": dens, "pointers_ms": times[0], "tma_ms": times[1]}
                 report["timing"].append(entry)
                 print(entry, flush=True)
         save()
@@ -347,7 +347,7 @@ def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only
             sel = synthetic_selection(1, 32, S, density=dens, device=DEV, seed=S)
             kept = float(sel.kept_entries().sum())
             counts = tsp.column_counts(sel, tsp.query_block())
-            variants = [(None, 0), (None, 2), (SPARSE_CONFIGS[0], 2)] + [(c, 2) for c in EXTRA_SPARSE_CONFIGS]
+            variants = [(None, False), (None, True), (SPARSE_CONFIGS[0], True)] + [(c, True) for c in EXTRA_SPARSE_CONFIGS]
             fns = [lambda cfg=cfg, tma=tma: tsp.sparse_attention_triton(q, k, v, sel, scale, config=cfg, counts=counts,
                                                                        tma=tma) for cfg, tma in variants]
             ok = []

@@ -111,23 +111,6 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
     return True
 
 
-_ALLOCATOR_SET = False
-
-
-def ensure_descriptor_allocator() -> None:
-    """Device-side tensor descriptors need a scratch allocator; torch's caching allocator
-    serves it (graph-capture safe: the scratch comes from the capturing pool)."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
-        return
-
-    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:  # noqa: ARG001
-        return torch.empty(size, dtype=torch.int8, device="cuda")
-
-    triton.set_allocator(alloc)
-    _ALLOCATOR_SET = True
-
-
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels index rows by strides but read each row as one contiguous vector."""
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -17,6 +17,9 @@ sampled entries:
    reduction over rows at the end gives the column sums. No atomics: each program owns its
    columns.
 
+Pass 1 reads its key tiles through a host-made tensor descriptor (TMA) where the GPU, the
+dtype and the strides allow (as the sparse kernel).
+
 Limits: head_dim 64 or 128; bf16/fp16/fp32 inputs (fp32 with full-precision products); any S,
 batch, GQA (K read per KV head). Tested against the PyTorch reference under TRITON_INTERPRET=1
 at tiny shapes; the GPU configuration is checked by benchmarks/gpu_check.py on the device.

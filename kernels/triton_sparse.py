@@ -13,6 +13,10 @@ Every kept key is visited exactly once and no unkept key is read: the two parts 
 by the Selection's definition. GQA reads K/V of head h // (Hq // Hkv) directly. Programs run
 heaviest first (last query blocks first) so the tail of the grid is short.
 
+On Hopper-class GPUs, for 16-bit dtypes with 16-byte aligned strides, Q, the band's K/V tiles
+and O move through the copy engine (TMA, descriptors made once on the host); the gathered
+columns always use ordinary loads.
+
 Limits: head_dim 64 or 128; q/k/v of one dtype (bf16, fp16, or fp32 with full-precision
 products); any length and batch. Tested against the PyTorch reference under TRITON_INTERPRET=1
 at tiny shapes; the GPU paths (autotuned configs, software pipelining) are checked by
@@ -31,7 +35,6 @@ from .triton_common import (
     check_qkv,
     dot_flags,
     dot_nt,
-    ensure_descriptor_allocator,
     interpreter_compat,
     interpreting,
     last_dim_contiguous,
@@ -74,17 +77,14 @@ def _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask,
 
 
 @triton.jit
-def _band_kv(k_base, v_base, k_desc, v_desc, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs,
+def _band_kv(k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs,
              EDGE: tl.constexpr, TMA: tl.constexpr):
     """K and V rows [j0, j0 + BLOCK_N) of the band; rows >= S read as zeros where EDGE."""
     BLOCK_N: tl.constexpr = offs_n.shape[0]
     HEAD_DIM: tl.constexpr = offs_d.shape[0]
-    if TMA == 1:  # the copy engine zero-fills rows past S itself
-        k = k_desc.load([j0, 0])
-        v = v_desc.load([j0, 0])
-    elif TMA == 2:
-        k = k_desc.load([b, hk, j0, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = v_desc.load([b, hk, j0, 0]).reshape(BLOCK_N, HEAD_DIM)
+    if TMA:  # the copy engine zero-fills rows past S itself
+        k = KD.load([b, hk, j0, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = VD.load([b, hk, j0, 0]).reshape(BLOCK_N, HEAD_DIM)
     else:
         offs_j = j0 + offs_n
         if EDGE:
@@ -125,22 +125,11 @@ def _sparse_attn_fwd(
     k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
     row_ok = offs_m < S
-    # TMA 1/2: contiguous tiles (Q, the band, O) through the copy engine, with descriptors made
-    # per program (1) or on the host (2, QD..OD over the whole (B, H, S, D) tensors); the
-    # gathered columns always use ordinary loads.
-    if TMA == 1:
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[S, HEAD_DIM], strides=[s_qs, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[S, HEAD_DIM], strides=[s_ks, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[S, HEAD_DIM], strides=[s_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        q = q_desc.load([m0, 0])
-    elif TMA == 2:
-        k_desc, v_desc = KD, VD
+    # TMA: contiguous tiles (Q, the band's K/V, O) through the copy engine, with descriptors QD..OD
+    # made on the host over the whole (B, H, S, D) tensors; the gathered columns use ordinary loads.
+    if TMA:
         q = QD.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
     else:
-        k_desc, v_desc = k_base, v_base  # unused placeholders
         q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     w = tl.load(WIN + bh)
 
@@ -177,29 +166,25 @@ def _sparse_attn_fwd(
     for t in range(0, t_a):
         j0 = lo + t * BLOCK_N
         offs_j = j0 + offs_n
-        k, v = _band_kv(k_base, v_base, k_desc, v_desc, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, True, TMA)
+        k, v = _band_kv(k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, True, TMA)
         mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
     for t in range(t_a, t_b):
         j0 = lo + t * BLOCK_N
-        k, v = _band_kv(k_base, v_base, k_desc, v_desc, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, False, TMA)
+        k, v = _band_kv(k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, False, TMA)
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
     for t in range(t_b, n_tiles):
         j0 = lo + t * BLOCK_N
         offs_j = j0 + offs_n
-        k, v = _band_kv(k_base, v_base, k_desc, v_desc, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, True, TMA)
+        k, v = _band_kv(k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, True, TMA)
         mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
 
     # Rows past S (last block only) may have seen no key; they are not stored.
     out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
     o_base = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
-    if TMA == 2:
+    if TMA:
         OD.store([b, h, m0, 0], out.to(O.dtype.element_ty).reshape(1, 1, BLOCK_M, HEAD_DIM))
-    elif TMA == 1:
-        o_desc = tl.make_tensor_descriptor(o_base, shape=[S, HEAD_DIM], strides=[s_os, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
-        o_desc.store([m0, 0], out.to(O.dtype.element_ty))
     else:
         tl.store(o_base + offs_m[:, None] * s_os + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
@@ -210,7 +195,7 @@ def _sparse_attn_fwd(
 # ran at half its speed and 2 stages 13-27% slower (docs/KERNEL_NOTES.md). The 64-wide config
 # stays for head_dim 64 and short sequences, where it has not been measured to lose.
 def _kv_block_shape(nargs: dict) -> None:
-    """Autotune pre-hook: host-side K/V descriptors (TMA 2) load tiles of the config's BLOCK_N."""
+    """Autotune pre-hook: the host-made K/V descriptors (TMA) load tiles of the config's BLOCK_N."""
     for name in ("KD", "VD"):
         if nargs.get(name) is not None:
             nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
@@ -224,9 +209,10 @@ _CONFIGS = [
 # Warp-specializing the band's unmasked loop (tl.range(..., warp_specialize=True)) measured no
 # gain on the H100 (35.96 vs 36.11 ms at 10%, 134.4 vs 133.0 ms at 40%, 128K; KERNEL_NOTES.md v4).
 FIXED_CONFIG: dict[str, int] = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
-# Q, O and the band's tiles through the copy engine where the GPU and the strides allow: 0 no,
-# 1 descriptors made by each program, 2 descriptors made once on the host.
-USE_TMA = 2
+# Q, O and the band's tiles through the copy engine (descriptors made once on the host) where the
+# GPU, the dtype and the strides allow: 6-10% faster on an H100 at 32K-128K (KERNEL_NOTES.md v6;
+# descriptors made by each program cost ~1.7 us per program and were dropped).
+USE_TMA = True
 
 _sparse_attn_fwd_tuned = triton.autotune(
     configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC", "TMA"]
@@ -267,7 +253,7 @@ def sparse_attention_triton(
     out: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
     counts: torch.Tensor | None = None,
-    tma: int | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention over the entries kept by `sel` (Triton).
 
@@ -283,9 +269,9 @@ def sparse_attention_triton(
     counts: optional (B*Hq, ceil(S / query_block()), 2) int32, per query block [m0, m1) the
         number of selected columns <= m0 - w and <= m1 - 1 - w, as stage 2 on the Triton
         backend produces them (triton_selection); computed here when absent.
-    tma: read Q, the band and write O through tensor descriptors: 0 no, 1 made per program, 2
-        made on the host (None: USE_TMA, never under the interpreter); falls back to ordinary
-        loads on GPUs without the copy engine or when the tensors' alignment does not allow it.
+    tma: read Q, the band and write O through host-made tensor descriptors (None: USE_TMA,
+        never under the interpreter); falls back to ordinary loads where `tma_compatible` says
+        no (no copy engine, 32-bit dtype, unaligned strides) or S is shorter than one tile.
     Returns out (B, Hq, S, D), q's dtype: row i of head h is the softmax-weighted
     sum over keys j <= i with i - window < j, or j a selected column with j <= i - window.
     """
@@ -323,14 +309,12 @@ def sparse_attention_triton(
         f"counts must be contiguous int32 ({B * Hq}, {n_mblk}, 2), got {tuple(counts.shape)} {counts.dtype}"
     )
     if tma is None:
-        tma = 0 if interpreting() else USE_TMA
+        tma = USE_TMA and not interpreting()
     # On the GPU only where every tile lies at least partly inside the sequence (S >= the tiles'
     # rows): that regime is the one checked on the H100; short inputs lose nothing measurable.
-    tma = int(tma) if tma_compatible(q, k, v, out) and (interpreting() or S >= max(block_m, 128)) else 0
+    tma = bool(tma) and tma_compatible(q, k, v, out) and (interpreting() or S >= max(block_m, 128))
     descs: tuple = (None, None, None, None)
-    if tma == 1 and not interpreting():
-        ensure_descriptor_allocator()
-    elif tma == 2:
+    if tma:
         bn = _INTERPRET_BLOCK_N if interpreting() else {**FIXED_CONFIG, **(config or {})}["BLOCK_N"]
         descs = tuple(
             TensorDescriptor.from_tensor(t, [1, 1, rows, D]) for t, rows in ((q, block_m), (k, bn), (v, bn), (out, block_m))
