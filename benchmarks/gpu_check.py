@@ -1,12 +1,16 @@
 """GPU correctness check and launch-config comparison of the Triton SampleAttention kernels.
 
-Run on a CUDA machine (benchmarks/gpu_run.sh does): `python benchmarks/gpu_check.py OUT.json`.
+Run on a CUDA machine (benchmarks/gpu_run.sh does):
+`python benchmarks/gpu_check.py OUT.json [LENGTHS|none] [sparse|sampling]` (LENGTHS default
+32768,131072; `none`: correctness only; `sparse` / `sampling`: time only that stage).
 
 1. Correctness at moderate shapes (GQA, both head dims, odd lengths, batch 2) for every launch
    config: the sparse kernel against float64 masked attention, bounded by twice PyTorch's own
    bf16 error; stage 1 against the float64 definition, bounded by twice the float32 reference's.
 2. Timing of each launch config on the 8B-class shape (32 query heads, 8 KV heads, hd 128)
-   at the given lengths: sparse kernel at several densities, the two stage-1 passes.
+   at the given lengths: sparse kernel at several densities with and without tensor
+   descriptors, the two stage-1 passes; variants that are compared head to head run in
+   alternating rounds (`time_interleaved`) so that the machine's drift falls on all of them.
 Exits non-zero if any correctness check fails.
 """
 
