@@ -278,6 +278,8 @@ def _sparse_row(
     }
     row.update(_speedups("total", total, dense))
     row.update(_speedups("kernel", kernel, dense))
+    # the kernel's FLOP rate on the entries it computes, as a share of each dense baseline's rate
+    row.update({f"kernel_rate_vs_{name}": row["density"] * base / kernel for name, base in dense.items() if base})
     return row
 
 
@@ -697,12 +699,16 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def render_attention(payload: dict[str, Any]) -> str:
     """Plain-text table of an attention benchmark."""
     lines = []
     if payload["workload"] == "synthetic":
         lines.append(f"{'S':>7} {'density':>8} {'flash':>8} {'cuDNN':>8} {'flex':>8} {'sample':>7} {'select':>7} "
-                     f"{'kernel':>8} {'total':>8} {'TFLOP/s':>7} {'x cuDNN':>7}")
+                     f"{'kernel':>8} {'total':>8} {'TFLOP/s':>7} {'% cuDNN':>7} {'x cuDNN':>7}")
         for res in payload["results"]:
             d = res["dense"]
             for row in res["sparse"]:
@@ -710,7 +716,7 @@ def render_attention(payload: dict[str, Any]) -> str:
                     f"{res['seq_len']:>7} {row['label']:>8} {_fmt(d['sdpa_flash']['ms']):>8} {_fmt(d['sdpa_cudnn']['ms']):>8} "
                     f"{_fmt(d.get('flex_causal', {}).get('ms')):>8} {row['sampling_ms']:>7.2f} {row['selection_ms']:>7.2f} "
                     f"{row['sparse_kernel_ms']:>8.2f} {row['total_ms']:>8.2f} {row['kernel_tflops']:>7.0f} "
-                    f"{_fmt(row.get('speedup_total_vs_sdpa_cudnn')):>7}"
+                    f"{_pct(row.get('kernel_rate_vs_sdpa_cudnn')):>7} {_fmt(row.get('speedup_total_vs_sdpa_cudnn')):>7}"
                 )
     else:
         lines.append(f"{'S':>7} {'layer':>5} {'density':>8} {'flash':>8} {'cuDNN':>8} {'sample':>7} {'select':>7} "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from sacli.bench import plot_attention, render_attention
 
 
@@ -35,6 +37,33 @@ def test_model_table_and_plot_without_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "p.png"
     plot_attention(payload, out)
     assert out.stat().st_size > 1000
+
+
+def test_synthetic_table_shows_kernel_rate_against_cudnn(monkeypatch) -> None:
+    import sacli.kernels.backend as kb
+    from sacli.bench import StageTimes, _sparse_row
+
+    class _Sel:  # what _sparse_row reads of a Selection
+        window = torch.full((1, 2), 4)
+        ncols = torch.tensor([[3, 5]])
+
+        @staticmethod
+        def kept_entries() -> torch.Tensor:
+            return torch.tensor([[20.0, 16.0]])  # 36 of 2 x 36 causal entries: density 0.5
+
+    calls: list[int] = []
+    monkeypatch.setattr(kb, "sparse_attention", lambda *a, **kw: calls.append(1))
+    q = torch.zeros(1, 2, 8, 64)
+    row = _sparse_row(q, q, q, _Sel(), 0.1, StageTimes(1.0, 0.5), {"sdpa_cudnn": 8.0, "sdpa_flash": None}, "0.5")
+    assert calls, "the kernel was not run"
+    assert row["density"] == 0.5
+    # share of cuDNN's FLOP rate = density x cuDNN time / kernel time
+    assert row["kernel_rate_vs_sdpa_cudnn"] == 0.5 * 8.0 / row["sparse_kernel_ms"]
+    assert "kernel_rate_vs_sdpa_flash" not in row
+    payload = {"workload": "synthetic", "results": [{"seq_len": 8, "dense": {"sdpa_flash": {"ms": None},
+               "sdpa_cudnn": {"ms": 8.0}}, "sparse": [{**row, "kernel_rate_vs_sdpa_cudnn": 0.76}]}]}
+    line = [x for x in render_attention(payload).splitlines() if x.strip().startswith("8 ")][0]
+    assert "76%" in line.split(), line
 
 
 def test_ttft_runs_alternate_modes_and_take_medians() -> None:
