@@ -31,6 +31,7 @@ from sacli.kernels import graphs, reference, sample_attention
 from sacli.kernels.selection import Selection, fraction_to_tokens, sample_rows, select_columns, selection_mask
 from sacli.kernels import triton_sampling as ts
 from sacli.kernels import triton_sparse as tsp
+from sacli.kernels.triton_common import tma_compatible
 
 DEV = torch.device("cuda")
 SPARSE_CONFIGS = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tsp._CONFIGS]
@@ -89,11 +90,13 @@ def check_sparse(case, config, tma=None):
     scale = D**-0.5
     out = torch.full_like(q, float("nan"))
     tsp.sparse_attention_triton(q, k, v, sel, scale, out=out, config=config, tma=tma)
+    used = bool(tsp.USE_TMA if tma is None else tma) and tma_compatible(q, k, v, out) and S >= tsp.BLOCK_M
     ref = masked_attention(q, k, v, mask, scale, torch.float64)
     torch_err = (masked_attention(q, k, v, mask, scale, dtype).double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
     ok = bool(not torch.isnan(out).any()) and err <= 2 * torch_err + 1e-5
-    return {"case": [*case[:5], str(dtype)], "config": config, "tma": tma, "err": err, "torch_err": torch_err, "ok": ok}
+    return {"case": [*case[:5], str(dtype)], "config": config, "tma": tma, "tma_used": used, "err": err,
+            "torch_err": torch_err, "ok": ok}
 
 
 def check_sampling(case, config):
@@ -147,7 +150,8 @@ def sampling_pass_fns(q, k, rows, w, scale, cfg):
 
     keys = triton.cdiv(S, 128) * 128  # one split: the pass as the 8B shape runs it
 
-    tma = c["tma1"] == 1
+    # as the launcher decides (tma1 -1: its default), so these timings match the product's runs
+    tma = (ts.USE_TMA if c["tma1"] < 0 else bool(c["tma1"])) and tma_compatible(k) and S >= 128
     kd = TensorDescriptor.from_tensor(k, [1, 1, c["keys_per_tile"], D]) if tma else None
 
     def p1():
@@ -385,5 +389,7 @@ def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only
 if __name__ == "__main__":
     spec = sys.argv[2] if len(sys.argv) > 2 else "32768,131072"
     part = sys.argv[3] if len(sys.argv) > 3 else ""
+    if part not in ("", "sparse", "sampling"):
+        sys.exit(f"gpu_check.py: third argument must be 'sparse' or 'sampling', got {part!r}")
     sys.exit(main(sys.argv[1], [int(x) for x in spec.split(",") if x.strip() and x != "none"],
                   sparse_only=part == "sparse", sampling_only=part == "sampling"))

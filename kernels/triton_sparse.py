@@ -13,9 +13,9 @@ Every kept key is visited exactly once and no unkept key is read: the two parts 
 by the Selection's definition. GQA reads K/V of head h // (Hq // Hkv) directly. Programs run
 heaviest first (last query blocks first) so the tail of the grid is short.
 
-On Hopper-class GPUs, for 16-bit dtypes with 16-byte aligned strides, Q, the band's K/V tiles
-and O move through the copy engine (TMA, descriptors made once on the host); the gathered
-columns always use ordinary loads.
+On Hopper-class GPUs, for 16-bit dtypes with 16-byte aligned strides and S >= 128, Q, the
+band's K/V tiles and O move through the copy engine (TMA, descriptors made once on the host);
+the gathered columns always use ordinary loads.
 
 Limits: head_dim 64 or 128; q/k/v of one dtype (bf16, fp16, or fp32 with full-precision
 products); any length and batch. Tested against the PyTorch reference under TRITON_INTERPRET=1
@@ -310,8 +310,9 @@ def sparse_attention_triton(
     )
     if tma is None:
         tma = USE_TMA and not interpreting()
-    # On the GPU only where every tile lies at least partly inside the sequence (S >= the tiles'
-    # rows): that regime is the one checked on the H100; short inputs lose nothing measurable.
+    # On the GPU only for sequences at least one tile long (S >= the tiles' rows): the regime
+    # checked on the H100 (a box longer than the whole sequence was not); short inputs lose
+    # nothing measurable.
     tma = bool(tma) and tma_compatible(q, k, v, out) and (interpreting() or S >= max(block_m, 128))
     descs: tuple = (None, None, None, None)
     if tma:

@@ -279,7 +279,7 @@ def _sparse_row(
     row.update(_speedups("total", total, dense))
     row.update(_speedups("kernel", kernel, dense))
     # the kernel's FLOP rate on the entries it computes, as a share of each dense baseline's rate
-    row.update({f"kernel_rate_vs_{name}": row["density"] * base / kernel for name, base in dense.items() if base})
+    row.update({f"kernel_rate_vs_{name}": row["density"] * base / kernel for name, base in dense.items() if base is not None})
     return row
 
 

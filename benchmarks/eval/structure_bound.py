@@ -12,8 +12,9 @@ selection reaches.
     python benchmarks/eval/structure_bound.py --text ../shared/books/moby_dick_2701.txt \
         --length 8K --layers 5,15,25 --alphas 0.95,0.98 --out benchmarks/eval/structure_bound_8k_cpu.json
 
-float32, one head at a time (S x S probabilities in memory: 256 MiB at 8K, 4 GiB at 32K, about
-ten such matrices at once); `--device cuda` for long inputs:
+float32, one head at a time: S x S probabilities (256 MiB at 8K, 4 GiB at 32K) plus a few more
+S x S tensors, two of them int64 (8 GiB each at 32K), ~40 GB at 32K in all; `--device cuda`
+for long inputs (fits an 80 GB H100):
 
     python benchmarks/eval/structure_bound.py --text moby_dick_2701.txt --length 32K --layers 5,15,25 \
         --alphas 0.95,0.98,0.99 --device cuda --out structure_bound_32k_gpu.json

@@ -136,6 +136,7 @@ def main() -> None:
         fams = set(args.only.split(","))
         chosen = {n: v for n, v in chosen.items() if v[0].split(",")[0] in fams}
     for name, spec in json.loads(args.extra or "{}").items():
+        assert name not in chosen, f"--extra variant {name!r} clashes with a built-in variant"
         chosen[name] = ("adaptive, " + name, {"alpha": float(spec["alpha"]), "window": args.window,
                                               "sample_ratio": float(spec.get("sample_ratio", args.sample_ratio)),
                                               "rule": dict(spec.get("rule", {}))})
