@@ -31,7 +31,7 @@ from sacli.kernels import graphs, reference, sample_attention
 from sacli.kernels.selection import Selection, fraction_to_tokens, sample_rows, select_columns, selection_mask
 from sacli.kernels import triton_sampling as ts
 from sacli.kernels import triton_sparse as tsp
-from sacli.kernels.triton_common import tma_compatible
+from sacli.kernels.triton_common import use_descriptors
 
 DEV = torch.device("cuda")
 SPARSE_CONFIGS = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tsp._CONFIGS]
@@ -90,7 +90,7 @@ def check_sparse(case, config, tma=None):
     scale = D**-0.5
     out = torch.full_like(q, float("nan"))
     tsp.sparse_attention_triton(q, k, v, sel, scale, out=out, config=config, tma=tma)
-    used = bool(tsp.USE_TMA if tma is None else tma) and tma_compatible(q, k, v, out) and S >= tsp.BLOCK_M
+    used = use_descriptors(tsp.USE_TMA if tma is None else tma, S, q, k, v, out)
     ref = masked_attention(q, k, v, mask, scale, torch.float64)
     torch_err = (masked_attention(q, k, v, mask, scale, dtype).double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
@@ -151,7 +151,7 @@ def sampling_pass_fns(q, k, rows, w, scale, cfg):
     keys = triton.cdiv(S, 128) * 128  # one split: the pass as the 8B shape runs it
 
     # as the launcher decides (tma1 -1: its default), so these timings match the product's runs
-    tma = (ts.USE_TMA if c["tma1"] < 0 else bool(c["tma1"])) and tma_compatible(k) and S >= 128
+    tma = use_descriptors(ts.USE_TMA if c["tma1"] < 0 else c["tma1"], S, k)
     kd = TensorDescriptor.from_tensor(k, [1, 1, c["keys_per_tile"], D]) if tma else None
 
     def p1():

@@ -111,6 +111,29 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
     return True
 
 
+# Shortest sequence the GPU launchers read through descriptors: one tile's rows, the regime
+# checked on an H100 (a box longer than the whole sequence was not); shorter inputs lose nothing.
+TMA_MIN_ROWS = 128
+
+
+def use_descriptors(requested: bool, seq_len: int, *tensors: torch.Tensor) -> bool:
+    """The launchers' decision: descriptors if requested, `tma_compatible`, and (on the GPU) the
+    sequence is at least TMA_MIN_ROWS long."""
+    return bool(requested) and tma_compatible(*tensors) and (interpreting() or seq_len >= TMA_MIN_ROWS)
+
+
+def descriptor_rows_hook(*names: str):  # type: ignore[no-untyped-def]
+    """Autotune pre-hook: the host-made (B, H, S, D) descriptors `names` (when passed) load tiles
+    of the launched config's BLOCK_N rows."""
+
+    def hook(nargs: dict) -> None:
+        for name in names:
+            if nargs.get(name) is not None:
+                nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+    return hook
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels index rows by strides but read each row as one contiguous vector."""
     return t if t.stride(-1) == 1 else t.contiguous()

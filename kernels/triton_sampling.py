@@ -36,12 +36,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .triton_common import (
     check_qkv,
+    descriptor_rows_hook,
     dot_flags,
     dot_nt,
     interpreter_compat,
     interpreting,
     last_dim_contiguous,
-    tma_compatible,
+    use_descriptors,
 )
 
 # Tiles under the interpreter: small, so tiny test shapes cross several tiles and edges.
@@ -228,14 +229,8 @@ ROWS_PER_STEP = 64
 
 # Each pass is autotuned over a few configs (it is idempotent: pass 1 writes its row statistics,
 # pass 2 its columns, nothing accumulates across launches). PIPE: software-pipelined loop.
-def _k_block_shape(nargs: dict) -> None:
-    """Autotune pre-hook: the host-made K descriptor (TMA) loads tiles of the config's BLOCK_N."""
-    if nargs.get("KD") is not None:
-        nargs["KD"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
-
-
 _PASS1_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "PIPE": pipe}, num_warps=nw, num_stages=ns, pre_hook=_k_block_shape)
+    triton.Config({"BLOCK_N": bn, "PIPE": pipe}, num_warps=nw, num_stages=ns, pre_hook=descriptor_rows_hook("KD"))
     for bn, pipe, nw, ns in [(128, False, 4, 3), (128, True, 4, 3), (64, True, 4, 3), (128, True, 8, 3)]
 ]
 _PASS2_CONFIGS = [
@@ -363,8 +358,7 @@ def column_scores_triton(
     keys_per_split = _keys_per_split(cfg["keys_per_split"], B * Hq * n_chunk, S, q.device, interp)
     n_split = triton.cdiv(S, keys_per_split)
     part = torch.empty((3, B * Hq, n_split, R), dtype=torch.float32, device=q.device) if n_split > 1 else bias
-    tma = bool(USE_TMA and not interp) if cfg["tma1"] < 0 else bool(cfg["tma1"])
-    tma = tma and tma_compatible(k) and (interp or S >= 128)  # as in triton_sparse: the checked regime
+    tma = use_descriptors(USE_TMA and not interp if cfg["tma1"] < 0 else cfg["tma1"], S, k)
     kd = TensorDescriptor.from_tensor(k, [1, 1, block_n1, D]) if tma else None
     args1 = (
         q, k, kd, rows, bias, window_mass, part,

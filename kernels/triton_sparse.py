@@ -33,12 +33,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .selection import Selection
 from .triton_common import (
     check_qkv,
+    descriptor_rows_hook,
     dot_flags,
     dot_nt,
     interpreter_compat,
     interpreting,
     last_dim_contiguous,
-    tma_compatible,
+    use_descriptors,
 )
 
 # Query rows per program. Fixed (not tuned) because the launcher precomputes, per query block,
@@ -194,15 +195,8 @@ def _sparse_attn_fwd(
 # hd 128, BLOCK_N 128 / 8 warps / 3 stages won everywhere from 32K to 128K; BLOCK_N 64 / 4 warps
 # ran at half its speed and 2 stages 13-27% slower (docs/KERNEL_NOTES.md). The 64-wide config
 # stays for head_dim 64 and short sequences, where it has not been measured to lose.
-def _kv_block_shape(nargs: dict) -> None:
-    """Autotune pre-hook: the host-made K/V descriptors (TMA) load tiles of the config's BLOCK_N."""
-    for name in ("KD", "VD"):
-        if nargs.get(name) is not None:
-            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
-
-
 _CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns, pre_hook=_kv_block_shape)
+    triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns, pre_hook=descriptor_rows_hook("KD", "VD"))
     for bn, nw, ns in [(128, 8, 3), (64, 4, 3)]
 ]
 # Base of a fixed launch (`config=`): the config the autotuner chose on an H100 (KERNEL_NOTES.md).
@@ -310,10 +304,7 @@ def sparse_attention_triton(
     )
     if tma is None:
         tma = USE_TMA and not interpreting()
-    # On the GPU only for sequences at least one tile long (S >= the tiles' rows): the regime
-    # checked on the H100 (a box longer than the whole sequence was not); short inputs lose
-    # nothing measurable.
-    tma = bool(tma) and tma_compatible(q, k, v, out) and (interpreting() or S >= max(block_m, 128))
+    tma = use_descriptors(tma, S, q, k, v, out)
     descs: tuple = (None, None, None, None)
     if tma:
         bn = _INTERPRET_BLOCK_N if interpreting() else {**FIXED_CONFIG, **(config or {})}["BLOCK_N"]

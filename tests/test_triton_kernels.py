@@ -26,7 +26,7 @@ from sacli.kernels import reference  # noqa: E402
 from sacli.kernels.selection import Selection, sample_rows, select_columns, selection_mask  # noqa: E402
 from sacli.kernels.triton_sampling import column_scores_triton  # noqa: E402
 from sacli.kernels.triton_selection import select_columns_triton  # noqa: E402
-from sacli.kernels.triton_common import tma_compatible  # noqa: E402
+from sacli.kernels.triton_common import tma_compatible, use_descriptors  # noqa: E402
 from sacli.kernels.triton_sparse import sparse_attention_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,7 +169,7 @@ def _descriptors_built(monkeypatch, module) -> list:
 
 def _tma_applies(S: int, *tensors: torch.Tensor) -> bool:
     """Whether the launchers use descriptors here (on a GPU also: 16-bit dtype, S >= one tile)."""
-    return tma_compatible(*tensors) and (not torch.cuda.is_available() or S >= 128)
+    return use_descriptors(True, S, *tensors)
 
 
 @pytest.mark.parametrize("case", [SPARSE_CASES[0], SPARSE_CASES[1], SPARSE_CASES[3], SPARSE_CASES[4], "hf_layout"])
