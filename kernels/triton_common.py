@@ -96,9 +96,9 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
     """Whether the copy engine (TMA) can read/write these tensors' rows: a Hopper-class GPU (or
     the interpreter), 16-byte aligned base addresses and row strides.
 
-    On a GPU only for 16-bit dtypes: bf16 and fp16 are checked and timed on an H100; a float32
-    check with 128-wide tiles through descriptors did not complete within minutes there, so
-    float32 keeps ordinary loads (the interpreter still exercises every dtype)."""
+    On a GPU only for 16-bit dtypes: bf16 and fp16 are checked and timed on an H100; float32
+    through descriptors was never checked there (its head_dim-128 kernel takes minutes to
+    compile), so float32 keeps ordinary loads (the interpreter still exercises every dtype)."""
     if not interpreting():
         if not all(t.is_cuda for t in tensors) or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
             return False
@@ -122,14 +122,15 @@ def use_descriptors(requested: bool, seq_len: int, *tensors: torch.Tensor) -> bo
     return bool(requested) and tma_compatible(*tensors) and (interpreting() or seq_len >= TMA_MIN_ROWS)
 
 
-def descriptor_rows_hook(*names: str):  # type: ignore[no-untyped-def]
-    """Autotune pre-hook: the host-made (B, H, S, D) descriptors `names` (when passed) load tiles
-    of the launched config's BLOCK_N rows."""
+def descriptor_rows_hook(**rows_of: str):  # type: ignore[no-untyped-def]
+    """Autotune pre-hook: each host-made (B, H, S, D) descriptor named in `rows_of` (when passed)
+    loads tiles of as many rows as the launched config's meta-parameter rows_of[name]
+    (e.g. KD="BLOCK_N")."""
 
     def hook(nargs: dict) -> None:
-        for name in names:
+        for name, rows in rows_of.items():
             if nargs.get(name) is not None:
-                nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+                nargs[name].block_shape = [1, 1, nargs[rows], nargs["HEAD_DIM"]]
 
     return hook
 

@@ -230,7 +230,7 @@ ROWS_PER_STEP = 64
 # Each pass is autotuned over a few configs (it is idempotent: pass 1 writes its row statistics,
 # pass 2 its columns, nothing accumulates across launches). PIPE: software-pipelined loop.
 _PASS1_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "PIPE": pipe}, num_warps=nw, num_stages=ns, pre_hook=descriptor_rows_hook("KD"))
+    triton.Config({"BLOCK_N": bn, "PIPE": pipe}, num_warps=nw, num_stages=ns, pre_hook=descriptor_rows_hook(KD="BLOCK_N"))
     for bn, pipe, nw, ns in [(128, False, 4, 3), (128, True, 4, 3), (64, True, 4, 3), (128, True, 8, 3)]
 ]
 _PASS2_CONFIGS = [

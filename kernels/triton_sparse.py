@@ -14,8 +14,11 @@ by the Selection's definition. GQA reads K/V of head h // (Hq // Hkv) directly. 
 heaviest first (last query blocks first) so the tail of the grid is short.
 
 On Hopper-class GPUs, for 16-bit dtypes with 16-byte aligned strides and S >= 128, Q, the
-band's K/V tiles and O move through the copy engine (TMA, descriptors made once on the host);
-the gathered columns always use ordinary loads.
+band's K/V tiles and O move through the copy engine (TMA, descriptors made once on the host).
+There, each query head's selected K/V rows are first packed in column order by a small gather
+kernel (`_gather_columns`), so the whole column tiles load through descriptors as well; only the
+one partial column tile per program gathers rows by index. Elsewhere every column tile is
+gathered by index.
 
 Limits: head_dim 64 or 128; q/k/v of one dtype (bf16, fp16, or fp32 with full-precision
 products); any length and batch. Tested against the PyTorch reference under TRITON_INTERPRET=1
@@ -39,14 +42,20 @@ from .triton_common import (
     interpreter_compat,
     interpreting,
     last_dim_contiguous,
+    TMA_MIN_ROWS,
     use_descriptors,
 )
 
-# Query rows per program. Fixed (not tuned) because the launcher precomputes, per query block,
-# how many selected columns precede the block's band; 128 rows fill a Hopper warpgroup MMA twice.
+# Query rows per program (a launch parameter, BLOCK_M in the configs): 128 rows fill a Hopper
+# warpgroup MMA twice. Stage 2 precomputes, per block of COUNT_BLOCK query rows, how many selected
+# columns precede the block's band; a program of BLOCK_M rows (a multiple of COUNT_BLOCK) reads
+# the counts of its first and last such block.
 BLOCK_M = 128
-# Small tiles under the interpreter, so tiny test shapes still cross several tiles and edges.
+COUNT_BLOCK = 64
+# Small tiles under the interpreter, so tiny test shapes still cross several tiles and edges
+# (and each program spans two count blocks).
 _INTERPRET_BLOCK_M = 32
+_INTERPRET_COUNT_BLOCK = 16
 _INTERPRET_BLOCK_N = 16
 
 
@@ -98,21 +107,49 @@ def _band_kv(k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs,
     return k, v
 
 
+@triton.jit
+def _gather_columns(
+    K, V, COLS, NCOLS, KC, VC, H_Q, GROUP, C,
+    s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_cb, s_ch,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """KC[b, h, j] = K[b, h // GROUP, cols[b, h, j]] (and V likewise) for j < ncols[b, h]: each
+    query head's selected key/value rows, packed in column order ((B, Hq, C, D) contiguous)."""
+    bh = tl.program_id(0)
+    j0 = tl.program_id(1) * BLOCK
+    n = tl.minimum(tl.load(NCOLS + bh), C)
+    if j0 < n:
+        b = bh // H_Q
+        h = bh % H_Q
+        hk = h // GROUP
+        offs = j0 + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        ok = (offs < n)[:, None]
+        idx = tl.load(COLS + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch + offs, mask=offs < n, other=0)
+        k = tl.load(K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh + idx[:, None] * s_ks + offs_d[None, :],
+                    mask=ok, other=0.0)
+        v = tl.load(V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh + idx[:, None] * s_vs + offs_d[None, :],
+                    mask=ok, other=0.0)
+        dst = (bh.to(tl.int64) * C + offs)[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(KC + dst, k, mask=ok)
+        tl.store(VC + dst, v, mask=ok)
+
+
 @triton.jit(do_not_specialize=["S_BUCKET"])
 def _sparse_attn_fwd(
-    Q, K, V, O, QD, KD, VD, OD, WIN, COLS, CNT,
-    qk_scale, S, H_Q, GROUP, N_MBLK,
+    Q, K, V, O, QD, KD, VD, OD, KCD, VCD, WIN, COLS, CNT,
+    qk_scale, S, H_Q, GROUP, N_CBLK,
     s_qb, s_qh, s_qs,
     s_kb, s_kh, s_ks,
     s_vb, s_vh, s_vs,
     s_ob, s_oh, s_os,
     s_cb, s_ch,
     S_BUCKET,  # unused in the body: the autotuner's length key
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COUNT_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    mblk = N_MBLK - 1 - tl.program_id(1)  # heaviest (last) query blocks first
+    mblk = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query blocks first
     b = bh // H_Q
     h = bh % H_Q
     hk = h // GROUP
@@ -138,16 +175,22 @@ def _sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # (a) selected columns before the band: cnt[0] of them are <= m0 - w (seen by every row),
-    # cnt[1] <= m1 - 1 - w (seen by at least the last row).
-    n_all = tl.load(CNT + (bh * N_MBLK + mblk) * 2)
-    n_any = tl.load(CNT + (bh * N_MBLK + mblk) * 2 + 1)
+    # (a) selected columns before the band: n_all of them are <= m0 - w (seen by every row; the
+    # first count block's first count), n_any <= min(m1, S) - 1 - w (seen by at least the last
+    # row; the last count block's second count).
+    cnt_base = CNT + bh * N_CBLK * 2
+    n_all = tl.load(cnt_base + (m0 // COUNT_BLOCK) * 2)
+    n_any = tl.load(cnt_base + tl.minimum((m1 - 1) // COUNT_BLOCK, N_CBLK - 1) * 2 + 1)
     c_base = COLS + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
     n_all_tiles = (n_all // BLOCK_N) * BLOCK_N
     for start in range(0, n_all_tiles, BLOCK_N):
-        idx = tl.load(c_base + start + offs_n)
-        k = tl.load(k_base + idx[:, None] * s_ks + offs_d[None, :])
-        v = tl.load(v_base + idx[:, None] * s_vs + offs_d[None, :])
+        if PACKED:  # the head's selected rows packed beforehand: whole tiles through the copy engine
+            k = KCD.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = VCD.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
+            idx = tl.load(c_base + start + offs_n)
+            k = tl.load(k_base + idx[:, None] * s_ks + offs_d[None, :])
+            v = tl.load(v_base + idx[:, None] * s_vs + offs_d[None, :])
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
     for start in range(n_all_tiles, n_any, BLOCK_N):
         valid = (start + offs_n) < n_any
@@ -194,28 +237,49 @@ def _sparse_attn_fwd(
 # Few configs, keyed on head_dim, precision and the power-of-two length bucket. On an H100 with
 # hd 128, BLOCK_N 128 / 8 warps / 3 stages won everywhere from 32K to 128K; BLOCK_N 64 / 4 warps
 # ran at half its speed and 2 stages 13-27% slower (docs/KERNEL_NOTES.md). The 64-wide config
-# stays for head_dim 64 and short sequences, where it has not been measured to lose.
+# stays for head_dim 64 and short sequences, where it has not been measured to lose; 64-row
+# programs (two resident per SM) join for head_dim 64 only (_prune_configs).
+_ROWS_HOOK = descriptor_rows_hook(QD="BLOCK_M", KD="BLOCK_N", VD="BLOCK_N", OD="BLOCK_M", KCD="BLOCK_N", VCD="BLOCK_N")
 _CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns, pre_hook=descriptor_rows_hook("KD", "VD"))
-    for bn, nw, ns in [(128, 8, 3), (64, 4, 3)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns, pre_hook=_ROWS_HOOK)
+    for bm, bn, nw, ns in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
 ]
+
+
+def _prune_configs(configs: list, nargs: dict, **kwargs) -> list:  # type: ignore[type-arg]
+    """64-row programs only for head_dim 64. On an H100 they were 2-24% faster than the
+    128-row ones for the default model's shape (9 x 64) at 16K-64K and 10-20% density, but with
+    head_dim 128 10-22% slower at 10-40% density at 128K (KERNEL_NOTES.md v7)."""
+    if kwargs.get("HEAD_DIM") == 64:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] == 128]
+
+
 # Base of a fixed launch (`config=`): the config the autotuner chose on an H100 (KERNEL_NOTES.md).
 # Warp-specializing the band's unmasked loop (tl.range(..., warp_specialize=True)) measured no
 # gain on the H100 (35.96 vs 36.11 ms at 10%, 134.4 vs 133.0 ms at 40%, 128K; KERNEL_NOTES.md v4).
-FIXED_CONFIG: dict[str, int] = {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+FIXED_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 # Q, O and the band's tiles through the copy engine (descriptors made once on the host) where the
 # GPU, the dtype and the strides allow: 6-10% faster on an H100 at 32K-128K (KERNEL_NOTES.md v6;
 # descriptors made by each program cost ~1.7 us per program and were dropped).
 USE_TMA = True
+# With descriptors, the selected columns' K/V rows are first packed per query head (one small
+# gather kernel) so that the column loop's whole tiles also go through the copy engine instead of
+# being gathered row by row in every query block's program.
+USE_PACKED = True
+# Rows per program of the packing kernel.
+_PACK_BLOCK = 64
 
 _sparse_attn_fwd_tuned = triton.autotune(
-    configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC", "TMA"]
+    configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC", "TMA", "PACKED"],
+    prune_configs_by={"early_config_prune": _prune_configs},
 )(_sparse_attn_fwd)
 
 
-def query_block() -> int:
-    """Query rows per program of the sparse kernel in this process (small under the interpreter)."""
-    return _INTERPRET_BLOCK_M if interpreting() else BLOCK_M
+def count_block() -> int:
+    """Query rows per block of the sparse kernel's column counts in this process (small under
+    the interpreter); every launch's BLOCK_M is a multiple of it."""
+    return _INTERPRET_COUNT_BLOCK if interpreting() else COUNT_BLOCK
 
 
 def column_counts(sel: Selection, block_m: int) -> torch.Tensor:
@@ -248,6 +312,7 @@ def sparse_attention_triton(
     config: dict[str, int] | None = None,
     counts: torch.Tensor | None = None,
     tma: bool | None = None,
+    packed: bool | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention over the entries kept by `sel` (Triton).
 
@@ -257,15 +322,20 @@ def sparse_attention_triton(
          ascending within ncols (B, Hq) int32, padded with S.
     scale: softmax scale (> 0).
     out: optional (B, Hq, S, D) tensor of q's dtype, last dim contiguous, to write into.
-    config: optional fixed launch config {"BLOCK_N", "num_warps", "num_stages"} (missing keys
-        from FIXED_CONFIG) instead of the autotuned one; benchmarks compare configs with it.
-        Ignored under the interpreter, which uses small tiles.
-    counts: optional (B*Hq, ceil(S / query_block()), 2) int32, per query block [m0, m1) the
-        number of selected columns <= m0 - w and <= m1 - 1 - w, as stage 2 on the Triton
-        backend produces them (triton_selection); computed here when absent.
+    config: optional fixed launch config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+        (missing keys from FIXED_CONFIG; BLOCK_M a multiple of count_block()) instead of the
+        autotuned one; benchmarks compare configs with it. Ignored under the interpreter,
+        which uses small tiles.
+    counts: optional (B*Hq, ceil(S / count_block()), 2) int32, per block [m0, m1) of
+        count_block() query rows the number of selected columns <= m0 - w and <= m1 - 1 - w,
+        as stage 2 on the Triton backend produces them (triton_selection); computed here when
+        absent.
     tma: read Q, the band and write O through host-made tensor descriptors (None: USE_TMA,
         never under the interpreter); falls back to ordinary loads where `tma_compatible` says
         no (no copy engine, 32-bit dtype, unaligned strides) or S is shorter than one tile.
+    packed: with descriptors, pack each head's selected K/V rows first ((B, Hq, C, D) buffers,
+        C = sel.cols.shape[-1]) so whole column tiles load through descriptors too (None:
+        USE_PACKED); without descriptors it is off.
     Returns out (B, Hq, S, D), q's dtype: row i of head h is the softmax-weighted
     sum over keys j <= i with i - window < j, or j a selected column with j <= i - window.
     """
@@ -293,50 +363,62 @@ def sparse_attention_triton(
     upcast, precision = dot_flags(q.dtype)
     qk_scale = float(scale) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
-    block_m = query_block()
-    n_mblk = triton.cdiv(S, block_m)
+    interp = interpreting()
+    cb = count_block()
+    n_cblk = triton.cdiv(S, cb)
     if counts is None:
-        counts = column_counts(
-            Selection(window=window, cols=cols, ncols=sel.ncols.to(torch.int32), seq_len=S), block_m
-        )
-    assert tuple(counts.shape) == (B * Hq, n_mblk, 2) and counts.dtype == torch.int32 and counts.is_contiguous(), (
-        f"counts must be contiguous int32 ({B * Hq}, {n_mblk}, 2), got {tuple(counts.shape)} {counts.dtype}"
+        counts = column_counts(Selection(window=window, cols=cols, ncols=sel.ncols.to(torch.int32), seq_len=S), cb)
+    assert tuple(counts.shape) == (B * Hq, n_cblk, 2) and counts.dtype == torch.int32 and counts.is_contiguous(), (
+        f"counts must be contiguous int32 ({B * Hq}, {n_cblk}, 2), got {tuple(counts.shape)} {counts.dtype}"
     )
+    # the tiles of a fixed launch (the autotuned one sets its descriptors' rows in a pre-hook)
+    if interp:
+        tiles = {"BLOCK_M": _INTERPRET_BLOCK_M, "BLOCK_N": _INTERPRET_BLOCK_N}
+    else:
+        tiles = {**FIXED_CONFIG, **(config or {})}
+    assert tiles["BLOCK_M"] % cb == 0, f"BLOCK_M {tiles['BLOCK_M']} must be a multiple of {cb}"
     if tma is None:
-        tma = USE_TMA and not interpreting()
+        tma = USE_TMA and not interp
     tma = use_descriptors(tma, S, q, k, v, out)
-    descs: tuple = (None, None, None, None)
+    # (on the GPU only where the packed rows fill a tile: the regime checked there)
+    packed = tma and (USE_PACKED if packed is None else bool(packed)) and (interp or cols.shape[-1] >= TMA_MIN_ROWS)
+    descs: tuple = (None,) * 6
     if tma:
-        bn = _INTERPRET_BLOCK_N if interpreting() else {**FIXED_CONFIG, **(config or {})}["BLOCK_N"]
-        descs = tuple(
-            TensorDescriptor.from_tensor(t, [1, 1, rows, D]) for t, rows in ((q, block_m), (k, bn), (v, bn), (out, block_m))
-        )
-    grid = (B * Hq, n_mblk)
+        tensors = [(q, "BLOCK_M"), (k, "BLOCK_N"), (v, "BLOCK_N"), (out, "BLOCK_M")]
+        if packed:
+            C = cols.shape[-1]
+            kc = torch.empty((B, Hq, C, D), dtype=k.dtype, device=k.device)
+            vc = torch.empty_like(kc)
+            ncols = sel.ncols.to(torch.int32).contiguous()
+            block = _PACK_BLOCK if not interp else _INTERPRET_BLOCK_N
+            _gather_columns[(B * Hq, triton.cdiv(C, block))](
+                k, v, cols, ncols, kc, vc, Hq, Hq // Hkv, C,
+                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                cols.stride(0), cols.stride(1), HEAD_DIM=D, BLOCK=block,
+            )
+            tensors += [(kc, "BLOCK_N"), (vc, "BLOCK_N")]
+        made = [TensorDescriptor.from_tensor(t, [1, 1, tiles[rows], D]) for t, rows in tensors]
+        descs = tuple(made + [None] * (6 - len(made)))
     args = (
         q, k, v, out, *descs, window, cols, counts,
-        qk_scale, S, Hq, Hq // Hkv, n_mblk,
+        qk_scale, S, Hq, Hq // Hkv, n_cblk,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         cols.stride(0), cols.stride(1),
     )
-    if interpreting():
-        interpreter_compat()
-        _sparse_attn_fwd[grid](
-            *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=_INTERPRET_BLOCK_N,
-            UPCAST=upcast, PREC=precision, TMA=tma,
-        )
-    elif config is not None:
-        cfg = {**FIXED_CONFIG, **config}
-        _sparse_attn_fwd[grid](
-            *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-            UPCAST=upcast, PREC=precision, TMA=tma,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    if interp or config is not None:
+        if interp:
+            interpreter_compat()
+        launch = {} if interp else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+        _sparse_attn_fwd[(B * Hq, triton.cdiv(S, tiles["BLOCK_M"]))](
+            *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], COUNT_BLOCK=cb,
+            UPCAST=upcast, PREC=precision, TMA=tma, PACKED=packed, **launch,
         )
     else:
-        _sparse_attn_fwd_tuned[grid](
-            *args, S_BUCKET=max(S - 1, 1).bit_length(), HEAD_DIM=D, BLOCK_M=block_m,
-            UPCAST=upcast, PREC=precision, TMA=tma,
+        _sparse_attn_fwd_tuned[lambda meta: (B * Hq, triton.cdiv(S, meta["BLOCK_M"]))](
+            *args, S_BUCKET=max(S - 1, 1).bit_length(), HEAD_DIM=D, COUNT_BLOCK=cb,
+            UPCAST=upcast, PREC=precision, TMA=tma, PACKED=packed,
         )
     return out

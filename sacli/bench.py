@@ -259,9 +259,9 @@ def _sparse_row(
     counts = None
     if kb.choose_backend(None, q, k, v) == "triton":
         # stage 2 hands these to the kernel in the pipeline; here they are made outside the timing
-        from sacli.kernels.triton_sparse import column_counts, query_block
+        from sacli.kernels.triton_sparse import column_counts, count_block
 
-        counts = column_counts(sel, query_block())
+        counts = column_counts(sel, count_block())
     kernel = time_ms(lambda: kb.sparse_attention(q, k, v, sel, scale, counts=counts))
     kept = float(sel.kept_entries().sum())
     total = stages.sampling_ms + stages.selection_ms + kernel

@@ -26,7 +26,7 @@ from sacli.kernels import reference  # noqa: E402
 from sacli.kernels.selection import Selection, sample_rows, select_columns, selection_mask  # noqa: E402
 from sacli.kernels.triton_sampling import column_scores_triton  # noqa: E402
 from sacli.kernels.triton_selection import select_columns_triton  # noqa: E402
-from sacli.kernels.triton_common import tma_compatible, use_descriptors  # noqa: E402
+from sacli.kernels.triton_common import TMA_MIN_ROWS, interpreting, tma_compatible, use_descriptors  # noqa: E402
 from sacli.kernels.triton_sparse import sparse_attention_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,11 +187,43 @@ def test_sparse_tma_path_equals_pointer_path(case, monkeypatch):
     if not _tma_applies(S, q, k, v):
         pytest.skip("the launcher uses ordinary loads for this case on this device")
     sel = _random_selection(B, Hq, S, seed=S + 1)
+    packs = interpreting() or sel.cols.shape[-1] >= TMA_MIN_ROWS
     made = _descriptors_built(monkeypatch, tsp)
     a = sparse_attention_triton(q, k, v, sel, D**-0.5, tma=True, out=_poisoned((B, Hq, S, D), dtype))
-    assert len(made) == 4, made  # Q, K, V, O
-    b = sparse_attention_triton(q, k, v, sel, D**-0.5, tma=False)
-    assert len(made) == 4, "tma=False must not build descriptors"
+    assert len(made) == (6 if packs else 4), made  # Q, K, V, O (+ the packed columns' K and V)
+    b = sparse_attention_triton(q, k, v, sel, D**-0.5, tma=True, packed=False)
+    assert len(made) == (10 if packs else 8), made
+    c = sparse_attention_triton(q, k, v, sel, D**-0.5, tma=False)
+    assert len(made) == (10 if packs else 8), "tma=False must not build descriptors"
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    torch.testing.assert_close(b, c, rtol=0, atol=0)
+    _assert_within_torch_error(a, q, k, v, selection_mask(sel), D**-0.5)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_sparse_packed_columns(D, monkeypatch):
+    """Many whole column tiles before small bands (GQA, batch 2, columns padded past ncols):
+    the packed columns read through descriptors give the gathered path's output bit for bit."""
+    import sacli.kernels.triton_sparse as tsp
+
+    B, Hq, Hkv, S = 2, 4, 2, 300
+    q, k, v = _qkv(B, Hq, Hkv, S, D, torch.bfloat16, seed=D)
+    if not _tma_applies(S, q, k, v):
+        pytest.skip("the launcher uses ordinary loads for this case on this device")
+    g = torch.Generator().manual_seed(D)
+    C = 160
+    cols = torch.full((B, Hq, C), S, dtype=torch.int32)
+    ncols = torch.tensor([[150, 0, 97, 33], [160, 64, 1, 120]], dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hq):
+            n = int(ncols[b, h])
+            cols[b, h, :n] = torch.randperm(S - 8, generator=g)[:n].sort().values.to(torch.int32)
+    win = torch.tensor([[4, 9, 1, 40], [2, 300, 7, 5]], dtype=torch.int32)
+    sel = Selection(window=win.to(DEVICE), cols=cols.to(DEVICE), ncols=ncols.to(DEVICE), seq_len=S)
+    made = _descriptors_built(monkeypatch, tsp)
+    a = sparse_attention_triton(q, k, v, sel, D**-0.5, tma=True, packed=True, out=_poisoned((B, Hq, S, D), torch.bfloat16))
+    assert len(made) == 6, made
+    b = sparse_attention_triton(q, k, v, sel, D**-0.5, tma=True, packed=False)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     _assert_within_torch_error(a, q, k, v, selection_mask(sel), D**-0.5)
 
