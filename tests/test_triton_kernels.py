@@ -248,6 +248,19 @@ def test_tma_needs_16_byte_strides(monkeypatch):
     _assert_within_torch_error(out, q, k, v, selection_mask(sel), D**-0.5)
 
 
+def test_sparse_autotune_candidates_by_head_dim():
+    """64-row programs are autotuning candidates for head_dim 64 only (measured slower with 128);
+    every candidate's BLOCK_M is a multiple of the column counts' block."""
+    import sacli.kernels.triton_sparse as tsp
+
+    def rows(head_dim: int) -> list[int]:
+        return sorted({c.kwargs["BLOCK_M"] for c in tsp._prune_configs(tsp._CONFIGS, {}, HEAD_DIM=head_dim)})
+
+    assert rows(64) == [64, 128]
+    assert rows(128) == [128]
+    assert all(c.kwargs["BLOCK_M"] % tsp.COUNT_BLOCK == 0 for c in tsp._CONFIGS)
+
+
 def test_sparse_rejects_bad_input():
     q, k, v = _qkv(1, 2, 1, 16, 64, torch.bfloat16, seed=5)
     sel = _random_selection(1, 2, 16, seed=5)
