@@ -8,8 +8,8 @@ Run on a CUDA machine (benchmarks/gpu_run.sh does):
    config: the sparse kernel against float64 masked attention, bounded by twice PyTorch's own
    bf16 error; stage 1 against the float64 definition, bounded by twice the float32 reference's.
 2. Timing of each launch config on the 8B-class shape (32 query heads, 8 KV heads, hd 128)
-   at the given lengths: sparse kernel at several densities with and without tensor
-   descriptors, the two stage-1 passes; variants that are compared head to head run in
+   at the given lengths: sparse kernel at several densities with packed and with gathered
+   column tiles (autotuned and fixed launches), the two stage-1 passes; variants that are compared head to head run in
    alternating rounds (`time_interleaved`) so that the machine's drift falls on all of them.
 Exits non-zero if any correctness check fails.
 """
@@ -239,7 +239,8 @@ def time_sampling(q, k, rows, w, scale, report) -> None:
 def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only: bool = False) -> int:
     """Correctness for every config, then timings at `lengths` (none: correctness with the
     autotuned configs only, a quick re-check after a change; sparse_only: time only the sparse
-    kernel, with and without tensor descriptors; sampling_only: skip the sparse kernel's timing)."""
+    kernel, packed vs gathered column tiles, and skip stage 1's checks; sampling_only: skip the
+    sparse kernel's timing)."""
     light = not lengths
     report: dict = {"env": environment(sys.argv), "sparse_checks": [], "sampling_checks": [], "timing": []}
     failures = 0
