@@ -52,10 +52,11 @@ class AttentionStats:
 
 # Below these lengths sparse prefill loses to dense attention, so it routes to dense.
 # CUDA (H100, bf16, the pipeline replayed as a CUDA graph): one sparse call of the default model
-# (9 heads x 64 dims) beats cuDNN SDPA from about 16K tokens (1.02-1.22x at 16K on every layer
-# but the densest, 0.4-0.6x at 8K), its TTFT from 8-16K (1.05x at 16K, 1.29x at 32K); the 8B
-# shape (32 x 128) beats it at 16K too (1.4x at 10% density, stages timed one by one)
-# (benchmarks/attention_*.json, ttft_default_forced.json). One threshold, 16K, for both.
+# (9 heads x 64 dims) beats cuDNN SDPA from about 16K tokens (1.30x at 16K summed over six
+# layers, 1.35-1.62x on every layer but the densest; 0.73x at 8K), its TTFT from 8-16K (0.92x at
+# 8K and 1.14x at 16K with sparse forced, 1.18x at 16K routed); the 8B shape (32 x 128) beats it
+# at 16K too (1.4x at 10% density, stages timed one by one) (benchmarks/attention_*.json,
+# ttft_default*.json). One threshold, 16K, for both.
 # CPU: the gathering reference path, forced sparse, was slower than SDPA at 4K and 8K tokens
 # with the default model (benchmarks/cpu_ttft.json), so on the CPU automatic routing always
 # chooses dense; dense_below=0 forces the sparse path.
