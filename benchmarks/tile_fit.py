@@ -3,9 +3,10 @@
 `python benchmarks/tile_fit.py RUN.json [OUT.json]` (CPU; RUN.json from `sacli bench attention
 --workload synthetic`, one length). For each of the run's selections it rebuilds the same
 synthetic selection (same seed), counts the tiles a 128 x 128 program visits per query block
-(band tiles, column tiles, masked or not), and fits
+(band tiles, column tiles, masked or not), takes a program's time as the kernel time over the
+programs each SM runs, and fits
 
-    milliseconds per SM-wave  =  a * band tiles  +  c * column tiles  +  f
+    microseconds per program  =  a * band tiles  +  c * column tiles  +  f
 
 over the selections: a and c are the microseconds one tile costs, f the fixed cost of a program
 (prologue, epilogue, the extra work of masked edge tiles). Prints the fit and writes it as JSON.

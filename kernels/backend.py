@@ -104,9 +104,9 @@ def selection_stage(
     column counts (pass them to `sparse_attention`), None on the torch backend.
     """
     if choose_backend(backend, scores, window_mass) == "triton":
-        block_m = _triton_function("triton_sparse", "count_block")()
+        count_rows = _triton_function("triton_sparse", "count_block")()
         return _triton_function("triton_selection", "select_columns_triton")(
-            scores, window_mass, alpha, window_tokens, seq_len, block_m
+            scores, window_mass, alpha, window_tokens, seq_len, count_rows
         )
     sel = select_columns(scores, window_mass, alpha, window_tokens, seq_len)
     return sel, None, sel.density().to(torch.float32)

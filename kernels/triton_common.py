@@ -49,6 +49,20 @@ def dot_nt(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     return tl.dot(a, tl.trans(b), input_precision=PREC)
 
 
+@triton.jit
+def row_tile(base, desc, b, h, start, offs_n, offs_d, S, s_row, EDGE: tl.constexpr, TMA: tl.constexpr):
+    """Rows [start, start + len(offs_n)) of one head's (S, D) matrix, as a [len(offs_n), D] tile:
+    through the host-made (B, H, S, D) descriptor `desc` where TMA (the copy engine zero-fills rows
+    past S itself), else ordinary loads from `base` with row stride s_row, rows >= S read as
+    zeros where EDGE."""
+    if TMA:
+        return desc.load([b, h, start, 0]).reshape(offs_n.shape[0], offs_d.shape[0])
+    offs_j = start + offs_n
+    if EDGE:
+        return tl.load(base + offs_j[:, None] * s_row + offs_d[None, :], mask=(offs_j < S)[:, None], other=0.0)
+    return tl.load(base + offs_j[:, None] * s_row + offs_d[None, :])
+
+
 def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     """(UPCAST, DOT_PRECISION) constexprs for a kernel reading `dtype` operands.
 

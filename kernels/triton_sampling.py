@@ -42,6 +42,7 @@ from .triton_common import (
     interpreter_compat,
     interpreting,
     last_dim_contiguous,
+    row_tile,
     use_descriptors,
 )
 
@@ -55,18 +56,6 @@ def _stats_update(m_i, l_i, qk, qk_scale):
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     return m_new, l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
-
-
-@triton.jit
-def _k_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, EDGE: tl.constexpr, TMA: tl.constexpr):
-    """Keys [start, start + BLOCK_N) of one KV head; rows >= S read as zeros where EDGE. TMA: through
-    the host-made descriptor KD over (B, Hkv, S, D), which zero-fills rows past S itself."""
-    if TMA:
-        return KD.load([b, hk, start, 0]).reshape(offs_n.shape[0], offs_d.shape[0])
-    offs_j = start + offs_n
-    if EDGE:
-        return tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=(offs_j < S)[:, None], other=0.0)
-    return tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :])
 
 
 @triton.jit(do_not_specialize=["S_BUCKET"])
@@ -109,21 +98,21 @@ def _row_stats(
     if PIPE:
         # Software-pipelined: the next tile's QK^T is issued before this tile's exp and sums.
         if clear_hi > k_lo:
-            k = _k_tile(k_base, KD, b, hk, k_lo, offs_n, offs_d, S, s_ks, False, TMA)
+            k = row_tile(k_base, KD, b, hk, k_lo, offs_n, offs_d, S, s_ks, False, TMA)
             qk = dot_nt(q, k, UPCAST, PREC)
             for start in range(k_lo + BLOCK_N, clear_hi, BLOCK_N):
-                k = _k_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, False, TMA)
+                k = row_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, False, TMA)
                 qk_next = dot_nt(q, k, UPCAST, PREC)
                 m_i, l_all = _stats_update(m_i, l_all, qk, qk_scale)
                 qk = qk_next
             m_i, l_all = _stats_update(m_i, l_all, qk, qk_scale)
     else:
         for start in range(k_lo, clear_hi, BLOCK_N):
-            k = _k_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, False, TMA)
+            k = row_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, False, TMA)
             m_i, l_all = _stats_update(m_i, l_all, dot_nt(q, k, UPCAST, PREC), qk_scale)
     for start in range(clear_hi, k_hi, BLOCK_N):
         offs_j = start + offs_n
-        k = _k_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, True, TMA)
+        k = row_tile(k_base, KD, b, hk, start, offs_n, offs_d, S, s_ks, True, TMA)
         qk = dot_nt(q, k, UPCAST, PREC)
         qk = tl.where(offs_j[None, :] <= rows[:, None], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)

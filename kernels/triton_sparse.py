@@ -42,6 +42,7 @@ from .triton_common import (
     interpreter_compat,
     interpreting,
     last_dim_contiguous,
+    row_tile,
     TMA_MIN_ROWS,
     use_descriptors,
 )
@@ -84,27 +85,6 @@ def _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask,
     if MASKED:
         qk = tl.where(mask, qk, float("-inf"))
     return _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, UPCAST, PREC)
-
-
-@triton.jit
-def _band_kv(k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs,
-             EDGE: tl.constexpr, TMA: tl.constexpr):
-    """K and V rows [j0, j0 + BLOCK_N) of the band; rows >= S read as zeros where EDGE."""
-    BLOCK_N: tl.constexpr = offs_n.shape[0]
-    HEAD_DIM: tl.constexpr = offs_d.shape[0]
-    if TMA:  # the copy engine zero-fills rows past S itself
-        k = KD.load([b, hk, j0, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = VD.load([b, hk, j0, 0]).reshape(BLOCK_N, HEAD_DIM)
-    else:
-        offs_j = j0 + offs_n
-        if EDGE:
-            kv_ok = offs_j < S
-            k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + offs_j[:, None] * s_ks + offs_d[None, :])
-            v = tl.load(v_base + offs_j[:, None] * s_vs + offs_d[None, :])
-    return k, v
 
 
 @triton.jit
@@ -185,8 +165,8 @@ def _sparse_attn_fwd(
     n_all_tiles = (n_all // BLOCK_N) * BLOCK_N
     for start in range(0, n_all_tiles, BLOCK_N):
         if PACKED:  # the head's selected rows packed beforehand: whole tiles through the copy engine
-            k = KCD.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-            v = VCD.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            k = row_tile(k_base, KCD, b, h, start, offs_n, offs_d, S, s_ks, False, True)
+            v = row_tile(v_base, VCD, b, h, start, offs_n, offs_d, S, s_vs, False, True)
         else:
             idx = tl.load(c_base + start + offs_n)
             k = tl.load(k_base + idx[:, None] * s_ks + offs_d[None, :])
@@ -210,17 +190,20 @@ def _sparse_attn_fwd(
     for t in range(0, t_a):
         j0 = lo + t * BLOCK_N
         offs_j = j0 + offs_n
-        k, v = _band_kv(k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, True, TMA)
+        k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
+        v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
         mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
     for t in range(t_a, t_b):
         j0 = lo + t * BLOCK_N
-        k, v = _band_kv(k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, False, TMA)
+        k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, False, TMA)
+        v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, False, TMA)
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
     for t in range(t_b, n_tiles):
         j0 = lo + t * BLOCK_N
         offs_j = j0 + offs_n
-        k, v = _band_kv(k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, S, s_ks, s_vs, True, TMA)
+        k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
+        v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
         mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
 
@@ -275,6 +258,24 @@ _sparse_attn_fwd_tuned = triton.autotune(
     configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC", "TMA", "PACKED"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_sparse_attn_fwd)
+
+
+def _pack_columns(
+    k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, ncols: torch.Tensor, Hq: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query head's selected K/V rows in column order: (B, Hq, C, D) buffers for k/v
+    (B, Hkv, S, D), cols (B, Hq, C) int32 contiguous, ncols (B, Hq); rows past ncols unwritten."""
+    B, Hkv, _, D = k.shape
+    C = cols.shape[-1]
+    kc = torch.empty((B, Hq, C, D), dtype=k.dtype, device=k.device)
+    vc = torch.empty_like(kc)
+    block = _INTERPRET_BLOCK_N if interpreting() else _PACK_BLOCK
+    _gather_columns[(B * Hq, triton.cdiv(C, block))](
+        k, v, cols, ncols.to(torch.int32).contiguous(), kc, vc, Hq, Hq // Hkv, C,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        cols.stride(0), cols.stride(1), HEAD_DIM=D, BLOCK=block,
+    )
+    return kc, vc
 
 
 def count_block() -> int:
@@ -384,23 +385,11 @@ def sparse_attention_triton(
     tma = use_descriptors(tma, S, q, k, v, out)
     # (on the GPU only where the packed rows fill a tile: the regime checked there)
     packed = tma and (USE_PACKED if packed is None else bool(packed)) and (interp or cols.shape[-1] >= TMA_MIN_ROWS)
-    descs: tuple = (None,) * 6
-    if tma:
-        tensors = [(q, "BLOCK_M"), (k, "BLOCK_N"), (v, "BLOCK_N"), (out, "BLOCK_M")]
-        if packed:
-            C = cols.shape[-1]
-            kc = torch.empty((B, Hq, C, D), dtype=k.dtype, device=k.device)
-            vc = torch.empty_like(kc)
-            ncols = sel.ncols.to(torch.int32).contiguous()
-            block = _PACK_BLOCK if not interp else _INTERPRET_BLOCK_N
-            _gather_columns[(B * Hq, triton.cdiv(C, block))](
-                k, v, cols, ncols, kc, vc, Hq, Hq // Hkv, C,
-                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                cols.stride(0), cols.stride(1), HEAD_DIM=D, BLOCK=block,
-            )
-            tensors += [(kc, "BLOCK_N"), (vc, "BLOCK_N")]
-        made = [TensorDescriptor.from_tensor(t, [1, 1, tiles[rows], D]) for t, rows in tensors]
-        descs = tuple(made + [None] * (6 - len(made)))
+    kc, vc = _pack_columns(k, v, cols, sel.ncols, Hq) if packed else (None, None)
+    descs = tuple(
+        TensorDescriptor.from_tensor(t, [1, 1, tiles[rows], D]) if tma and t is not None else None
+        for t, rows in ((q, "BLOCK_M"), (k, "BLOCK_N"), (v, "BLOCK_N"), (out, "BLOCK_M"), (kc, "BLOCK_N"), (vc, "BLOCK_N"))
+    )
     args = (
         q, k, v, out, *descs, window, cols, counts,
         qk_scale, S, Hq, Hq // Hkv, n_cblk,
