@@ -50,6 +50,8 @@ SAMPLING_CONFIGS = [
     {"tma1": 1},
     {"pipe1": 1, "keys_per_tile": 64, "pipe2": 1, "stages2": 2, "tma1": 1},
     {"pipe1": 1, "warps1": 8, "pipe2": 1, "tma1": 1},
+    {"pipe2": 1, "rows_m2": 1},
+    {"pipe2": 0, "rows_m2": 1, "warps2": 8},
 ]
 
 
@@ -175,7 +177,7 @@ def sampling_pass_fns(q, k, rows, w, scale, cfg):
             q, k, rows32, bias, first, scores, qk_scale, 1.0 / R, S, R, w, Hq, Hq // Hkv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sb,
             HEAD_DIM=D, BLOCK_N=bn, BLOCK_R=c["rows_per_step"], UPCAST=upcast, PREC=prec,
-            PIPE=bool(c["pipe2"]), num_warps=c["warps2"], num_stages=c["stages2"])
+            PIPE=bool(c["pipe2"]), ROWS_M=bool(c["rows_m2"]), num_warps=c["warps2"], num_stages=c["stages2"])
 
     return p1, p2
 
@@ -215,6 +217,16 @@ def time_sampling(q, k, rows, w, scale, report) -> None:
                  "pass2": str(getattr(ts._col_scores_tuned, "best_config", None))}
     except Exception:
         entry = {"kind": "sampling_autotuned", "S": S, "error": traceback.format_exc()[-800:]}
+    report["timing"].append(entry)
+    print(entry, flush=True)
+    # pass 2 with the sampled rows as the MMA's M dimension (rows_m2) or the columns, in alternating rounds
+    try:
+        variants = [{"pipe2": p, "rows_m2": r, "warps2": nw, "stages2": ns}
+                    for p, r, nw, ns in [(1, 0, 4, 3), (1, 0, 4, 2), (1, 1, 4, 3), (0, 1, 4, 3), (1, 1, 4, 2), (1, 1, 8, 3), (0, 1, 8, 3)]]
+        times = time_interleaved([sampling_pass_fns(q, k, rows, w, scale, c)[1] for c in variants])
+        entry = {"kind": "pass2_rows_m", "S": S, "variants": variants, "ms": times}
+    except Exception:
+        entry = {"kind": "pass2_rows_m", "S": S, "error": traceback.format_exc()[-800:]}
     report["timing"].append(entry)
     print(entry, flush=True)
     # pass 1 with pointer loads vs the key tiles through a descriptor, in alternating rounds

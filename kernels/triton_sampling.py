@@ -11,11 +11,11 @@ sampled entries:
    m + log2(l) and the window mass. When the row chunks alone are too few to fill the GPU
    (short sequences, few heads), the keys are split over several programs whose partial
    (max, sum, band sum) the launcher merges exactly.
-2. `_col_scores` (one program per chunk of key columns, the chunk of K held in registers):
-   loops over the sampled rows that see the chunk outside their band, recomputes the logits
-   transposed (keys x rows) and adds the normalised probabilities elementwise; a single
-   reduction over rows at the end gives the column sums. No atomics: each program owns its
-   columns.
+2. `_col_scores` (one program per chunk of key columns, the chunk of K loaded once): loops
+   over the sampled rows that see the chunk outside their band, recomputes the logits (rows x
+   keys, or keys x rows: ROWS_M, an autotuned choice) and adds the normalised probabilities
+   elementwise; a single reduction over rows at the end gives the column sums. No atomics:
+   each program owns its columns.
 
 Pass 1 reads its key tiles through a host-made tensor descriptor (TMA) where the GPU, the
 dtype, the strides and the length allow (as the sparse kernel).
@@ -136,8 +136,39 @@ def _row_stats(
 
 
 @triton.jit
+def _logits(k, q, UPCAST: tl.constexpr, PREC: tl.constexpr, ROWS_M: tl.constexpr):
+    """Logits of sampled rows q [R, D] against the columns k [N, D]: [R, N] where ROWS_M (rows as
+    the MMA's M dimension, the chunk of K its B operand), else [N, R]."""
+    if ROWS_M:
+        s = dot_nt(q, k, UPCAST, PREC)
+    else:
+        s = dot_nt(k, q, UPCAST, PREC)
+    return s
+
+
+@triton.jit
+def _per_row(x, ROWS_M: tl.constexpr):
+    """A per-row vector broadcast along the columns of a _logits tile."""
+    if ROWS_M:
+        y = x[:, None]
+    else:
+        y = x[None, :]
+    return y
+
+
+@triton.jit
+def _per_col(x, ROWS_M: tl.constexpr):
+    """A per-column vector broadcast along the rows of a _logits tile."""
+    if ROWS_M:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
+
+
+@triton.jit
 def _masked_rows_step(acc, k, q_base, ROWS, bias_base, i0, offs_r, offs_d, offs_j, s_qs, R, W, qk_scale,
-                      UPCAST: tl.constexpr, PREC: tl.constexpr):
+                      UPCAST: tl.constexpr, PREC: tl.constexpr, ROWS_M: tl.constexpr):
     """Add the probabilities of sampled rows i0 .. i0 + BLOCK_R (those < R) for this chunk's
     columns, keeping only columns outside each row's band (j <= r - W)."""
     idx = i0 + offs_r
@@ -145,8 +176,8 @@ def _masked_rows_step(acc, k, q_base, ROWS, bias_base, i0, offs_r, offs_d, offs_
     rows = tl.load(ROWS + idx, mask=ok, other=0)
     q = tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
     bias = tl.load(bias_base + idx, mask=ok, other=0.0)
-    p = tl.math.exp2(dot_nt(k, q, UPCAST, PREC) * qk_scale - bias[None, :])
-    keep = ok[None, :] & (offs_j[:, None] <= rows[None, :] - W)
+    p = tl.math.exp2(_logits(k, q, UPCAST, PREC, ROWS_M) * qk_scale - _per_row(bias, ROWS_M))
+    keep = _per_row(ok, ROWS_M) & (_per_col(offs_j, ROWS_M) <= _per_row(rows - W, ROWS_M))
     return acc + tl.where(keep, p, 0.0)
 
 
@@ -157,7 +188,7 @@ def _col_scores(
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks,
     S_BUCKET,  # unused in the body: the autotuner's length key
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, PIPE: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, PIPE: tl.constexpr, ROWS_M: tl.constexpr = False,
 ):
     bh = tl.program_id(0)
     cblk = tl.program_id(1)
@@ -178,35 +209,35 @@ def _col_scores(
     full = tl.load(FIRST + cblk * 2 + 1)
     mid = first + tl.cdiv(full - first, BLOCK_R) * BLOCK_R
     end = mid + (tl.maximum(R - mid, 0) // BLOCK_R) * BLOCK_R
-    acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_N] if ROWS_M else [BLOCK_N, BLOCK_R], dtype=tl.float32)
     for i0 in range(first, mid, BLOCK_R):
         acc = _masked_rows_step(acc, k, q_base, ROWS, bias_base, i0, offs_r, offs_d, offs_j, s_qs, R, W,
-                                qk_scale, UPCAST, PREC)
+                                qk_scale, UPCAST, PREC, ROWS_M)
     if PIPE:
         # Software-pipelined: the next step's logits are issued before this step's exp.
         if end > mid:
             rows = tl.load(ROWS + mid + offs_r)
-            s_cur = dot_nt(k, tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :]), UPCAST, PREC)
+            s_cur = _logits(k, tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :]), UPCAST, PREC, ROWS_M)
             bias = tl.load(bias_base + mid + offs_r)
             for i0 in range(mid + BLOCK_R, end, BLOCK_R):
                 rows = tl.load(ROWS + i0 + offs_r)
-                s_next = dot_nt(k, tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :]), UPCAST, PREC)
-                acc += tl.math.exp2(s_cur * qk_scale - bias[None, :])
+                s_next = _logits(k, tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :]), UPCAST, PREC, ROWS_M)
+                acc += tl.math.exp2(s_cur * qk_scale - _per_row(bias, ROWS_M))
                 bias = tl.load(bias_base + i0 + offs_r)
                 s_cur = s_next
-            acc += tl.math.exp2(s_cur * qk_scale - bias[None, :])
+            acc += tl.math.exp2(s_cur * qk_scale - _per_row(bias, ROWS_M))
     else:
         for i0 in range(mid, end, BLOCK_R):
             idx = i0 + offs_r
             rows = tl.load(ROWS + idx)
             q = tl.load(q_base + rows[:, None] * s_qs + offs_d[None, :])
             bias = tl.load(bias_base + idx)
-            acc += tl.math.exp2(dot_nt(k, q, UPCAST, PREC) * qk_scale - bias[None, :])
+            acc += tl.math.exp2(_logits(k, q, UPCAST, PREC, ROWS_M) * qk_scale - _per_row(bias, ROWS_M))
     for i0 in range(end, R, BLOCK_R):  # the partial last step, if any
         # its rows see the whole chunk: the band test only drops columns past S, never stored
         acc = _masked_rows_step(acc, k, q_base, ROWS, bias_base, i0, offs_r, offs_d, offs_j, s_qs, R, W,
-                                qk_scale, UPCAST, PREC)
-    tl.store(SCORES + bh * S + offs_j, tl.sum(acc, 1) * inv_r, mask=offs_j < S)
+                                qk_scale, UPCAST, PREC, ROWS_M)
+    tl.store(SCORES + bh * S + offs_j, tl.sum(acc, 0 if ROWS_M else 1) * inv_r, mask=offs_j < S)
 
 
 # Tile shapes on the GPU. Pass 1: one program per block of 64 sampled rows (the sampled blocks
@@ -218,13 +249,19 @@ ROWS_PER_STEP = 64
 
 # Each pass is autotuned over a few configs (it is idempotent: pass 1 writes its row statistics,
 # pass 2 its columns, nothing accumulates across launches). PIPE: software-pipelined loop.
+# ROWS_M (pass 2): the sampled rows as the MMA's M dimension and the chunk of K as its B operand,
+# instead of the columns as M with K in registers. With PIPE and 2 stages it was the fastest pass
+# 2 on an H100 (8B shape, interleaved: 6.73 vs 7.39 ms at 128K, 0.482 vs 0.549 ms at 32K;
+# benchmarks/raw/v8_gpu_check_rows_m.json); the columns-as-M PIPE kernel spills (255 registers).
+# The 8-warp PIPE config, never picked, made room for it.
 _PASS1_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "PIPE": pipe}, num_warps=nw, num_stages=ns, pre_hook=descriptor_rows_hook(KD="BLOCK_N"))
     for bn, pipe, nw, ns in [(128, False, 4, 3), (128, True, 4, 3), (64, True, 4, 3), (128, True, 8, 3)]
 ]
 _PASS2_CONFIGS = [
-    triton.Config({"PIPE": pipe}, num_warps=nw, num_stages=ns)
-    for pipe, nw, ns in [(False, 4, 3), (True, 4, 3), (True, 8, 3), (True, 4, 2)]
+    triton.Config({"PIPE": pipe, "ROWS_M": rows_m}, num_warps=nw, num_stages=ns)
+    for pipe, rows_m, nw, ns in [(False, False, 4, 3), (True, False, 4, 3), (True, False, 4, 2), (True, True, 4, 2),
+                                 (True, True, 4, 3)]
 ]
 _row_stats_tuned = triton.autotune(configs=_PASS1_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC", "TMA"])(_row_stats)
 _col_scores_tuned = triton.autotune(configs=_PASS2_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC"])(_col_scores)
@@ -243,6 +280,7 @@ DEFAULT_CONFIG: dict[str, int] = {
     "stages2": 3,
     "pipe2": 0,
     "tma1": -1,
+    "rows_m2": 0,
 }
 # Pass 1's key tiles through a host-made tensor descriptor (the copy engine) where the GPU, the
 # dtype (16-bit), the strides and the length (S >= 128) allow (tma1 -1: this default; 0 / 1
@@ -299,7 +337,8 @@ def column_scores_triton(
     scale: softmax scale (> 0).
     out: optional (scores, window_mass) float32 contiguous tensors to write into.
     config: optional fixed launch config overriding DEFAULT_CONFIG's keys, instead of the
-        autotuned launches (benchmarks compare configs with it); keys_per_split > 0 fixes
+        autotuned launches (benchmarks compare configs with it); rows_m2 1 runs pass 2 with the
+        sampled rows as the MMA's M dimension (ROWS_M); keys_per_split > 0 fixes
         pass 1's split of the keys (0: automatic, see _keys_per_split); tma1 1 / 0 asks for pass
         1's key tiles through a tensor descriptor or not (-1: USE_TMA on a GPU, never under the
         interpreter); descriptors stay off where `tma_compatible` says no (no copy engine,
@@ -390,6 +429,6 @@ def column_scores_triton(
     else:
         _col_scores[(B * Hq, n_cblk)](
             *args2, HEAD_DIM=D, BLOCK_N=block_n2, BLOCK_R=block_r2, UPCAST=upcast, PREC=precision,
-            PIPE=bool(cfg["pipe2"]), **({} if interp else {"num_warps": cfg["warps2"], "num_stages": cfg["stages2"]}),
+            PIPE=bool(cfg["pipe2"]), ROWS_M=bool(cfg["rows_m2"]), **({} if interp else {"num_warps": cfg["warps2"], "num_stages": cfg["stages2"]}),
         )
     return scores, window_mass

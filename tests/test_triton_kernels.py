@@ -296,15 +296,19 @@ SAMPLING_CASES = [
 @pytest.mark.parametrize("B,Hq,Hkv,S,D,dtype,w,ratio,block", SAMPLING_CASES)
 @pytest.mark.parametrize("pipe", [0, 1], ids=["plain", "pipelined"])
 @pytest.mark.parametrize("split", [0, 32], ids=["whole", "split"])
-def test_column_scores_match_reference(B, Hq, Hkv, S, D, dtype, w, ratio, block, pipe, split):
-    if (pipe or split) and S > 500:
-        pytest.skip("the pipelined and split loops are covered by the shorter cases")
+@pytest.mark.parametrize("rows_m", [0, 1], ids=["cols_m", "rows_m"])
+def test_column_scores_match_reference(B, Hq, Hkv, S, D, dtype, w, ratio, block, pipe, split, rows_m):
+    if (pipe or split or rows_m) and S > 500:
+        pytest.skip("the pipelined, split and rows-first loops are covered by the shorter cases")
+    if rows_m and split:
+        pytest.skip("pass 2's orientation is independent of pass 1's key split")
     q, k, _ = _qkv(B, Hq, Hkv, S, D, dtype, seed=S + w)
     rows = sample_rows(S, ratio, block=block).to(DEVICE)
     scale = D**-0.5
     R = rows.numel()
     out = (_poisoned((B, Hq, S), torch.float32), _poisoned((B, Hq, R), torch.float32))
-    scores, mass = column_scores_triton(q, k, rows, w, scale, out=out, config={"pipe1": pipe, "pipe2": pipe, "keys_per_split": split})
+    scores, mass = column_scores_triton(q, k, rows, w, scale, out=out, config={"pipe1": pipe, "pipe2": pipe, "keys_per_split": split,
+                                                                   "rows_m2": rows_m})
     ref_scores, ref_mass = reference.column_scores(q, k, rows, w, scale)
     exact_scores, exact_mass = _column_scores_f64(q, k, rows, w, scale)
     for got, ref, exact, name in ((scores, ref_scores, exact_scores, "scores"), (mass, ref_mass, exact_mass, "window_mass")):
