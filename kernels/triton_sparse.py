@@ -163,6 +163,18 @@ def _sparse_attn_fwd(
     n_any = tl.load(cnt_base + tl.minimum((m1 - 1) // COUNT_BLOCK, N_CBLK - 1) * 2 + 1)
     c_base = COLS + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
     n_all_tiles = (n_all // BLOCK_N) * BLOCK_N
+    # The partial and masked column tiles [n_all_tiles, n_any) come first, then the whole tiles
+    # before them (any order gives the same softmax). In the other order ptxas serialises every
+    # wgmma of the kernel (warning C7515: non-wgmma instructions define accumulator registers
+    # inside a pipeline stage) and on an H100 the kernel ran 1-3% slower with packed columns,
+    # 5-11% slower with gathered ones (benchmarks/raw/v8_gpu_sparse_loop_order*.json).
+    for start in range(n_all_tiles, n_any, BLOCK_N):
+        valid = (start + offs_n) < n_any
+        idx = tl.load(c_base + start + offs_n, mask=valid, other=0)
+        k = tl.load(k_base + idx[:, None] * s_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + idx[:, None] * s_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+        mask = valid[None, :] & (idx[None, :] <= offs_m[:, None] - w)
+        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
     for start in range(0, n_all_tiles, BLOCK_N):
         if PACKED:  # the head's selected rows packed beforehand: whole tiles through the copy engine
             k = row_tile(k_base, KCD, b, h, start, offs_n, offs_d, S, s_ks, False, True)
@@ -172,13 +184,6 @@ def _sparse_attn_fwd(
             k = tl.load(k_base + idx[:, None] * s_ks + offs_d[None, :])
             v = tl.load(v_base + idx[:, None] * s_vs + offs_d[None, :])
         acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
-    for start in range(n_all_tiles, n_any, BLOCK_N):
-        valid = (start + offs_n) < n_any
-        idx = tl.load(c_base + start + offs_n, mask=valid, other=0)
-        k = tl.load(k_base + idx[:, None] * s_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_base + idx[:, None] * s_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
-        mask = valid[None, :] & (idx[None, :] <= offs_m[:, None] - w)
-        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
 
     # (b) the band [lo, hi) in tiles starting at lo. Tiles before t_a cross the lower edge
     # (some row excludes a key j <= i - w), tiles from t_b cross the diagonal (or S).
