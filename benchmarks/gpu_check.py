@@ -207,8 +207,22 @@ def time_interleaved(fns, budget_ms: float = 2000.0, max_rounds: int = 40) -> li
     return [statistics.median(row[i][0].elapsed_time(row[i][1]) for row in events) for i in range(len(fns))]
 
 
+def _time_pass_variants(kind, which, variants, q, k, rows, w, scale, report) -> None:
+    """Time one stage-1 pass (which: 0 or 1) under each config of `variants` in alternating
+    rounds; append one entry of kind `kind` to report."""
+    S = q.shape[2]
+    try:
+        times = time_interleaved([sampling_pass_fns(q, k, rows, w, scale, c)[which] for c in variants])
+        entry = {"kind": kind, "S": S, "variants": variants, "ms": times}
+    except Exception:
+        entry = {"kind": kind, "S": S, "error": traceback.format_exc()[-800:]}
+    report["timing"].append(entry)
+    print(entry, flush=True)
+
+
 def time_sampling(q, k, rows, w, scale, report) -> None:
-    """Stage 1 autotuned, then each SAMPLING_CONFIGS entry pass by pass, appended to report."""
+    """Stage 1 autotuned, each pass under its launch variants in alternating rounds, then each
+    SAMPLING_CONFIGS entry pass by pass; all appended to report."""
     S = q.shape[2]
     try:
         ms = time_ms(lambda: ts.column_scores_triton(q, k, rows, w, scale))
@@ -219,25 +233,13 @@ def time_sampling(q, k, rows, w, scale, report) -> None:
         entry = {"kind": "sampling_autotuned", "S": S, "error": traceback.format_exc()[-800:]}
     report["timing"].append(entry)
     print(entry, flush=True)
-    # pass 2 with the sampled rows as the MMA's M dimension (rows_m2) or the columns, in alternating rounds
-    try:
-        variants = [{"pipe2": p, "rows_m2": r, "warps2": nw, "stages2": ns}
-                    for p, r, nw, ns in [(1, 0, 4, 3), (1, 0, 4, 2), (1, 1, 4, 3), (0, 1, 4, 3), (1, 1, 4, 2), (1, 1, 8, 3), (0, 1, 8, 3)]]
-        times = time_interleaved([sampling_pass_fns(q, k, rows, w, scale, c)[1] for c in variants])
-        entry = {"kind": "pass2_rows_m", "S": S, "variants": variants, "ms": times}
-    except Exception:
-        entry = {"kind": "pass2_rows_m", "S": S, "error": traceback.format_exc()[-800:]}
-    report["timing"].append(entry)
-    print(entry, flush=True)
-    # pass 1 with pointer loads vs the key tiles through a descriptor, in alternating rounds
-    try:
-        variants = [{"pipe1": p, "tma1": t} for p in (0, 1) for t in (0, 1)]
-        times = time_interleaved([sampling_pass_fns(q, k, rows, w, scale, c)[0] for c in variants])
-        entry = {"kind": "pass1_tma", "S": S, "variants": variants, "ms": times}
-    except Exception:
-        entry = {"kind": "pass1_tma", "S": S, "error": traceback.format_exc()[-800:]}
-    report["timing"].append(entry)
-    print(entry, flush=True)
+    # pass 2 with the sampled rows as the MMA's M dimension (rows_m2) or the columns
+    _time_pass_variants("pass2_rows_m", 1, [{"pipe2": p, "rows_m2": r, "warps2": nw, "stages2": ns} for p, r, nw, ns in
+                                            [(1, 0, 4, 3), (1, 0, 4, 2), (1, 1, 4, 3), (0, 1, 4, 3), (1, 1, 4, 2),
+                                             (1, 1, 8, 3), (0, 1, 8, 3)]], q, k, rows, w, scale, report)
+    # pass 1 with pointer loads vs the key tiles through a descriptor
+    _time_pass_variants("pass1_tma", 0, [{"pipe1": p, "tma1": t} for p in (0, 1) for t in (0, 1)],
+                        q, k, rows, w, scale, report)
     for cfg in SAMPLING_CONFIGS:
         try:
             t1, t2 = time_sampling_passes(q, k, rows, w, scale, cfg)

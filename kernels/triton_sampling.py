@@ -429,6 +429,7 @@ def column_scores_triton(
     else:
         _col_scores[(B * Hq, n_cblk)](
             *args2, HEAD_DIM=D, BLOCK_N=block_n2, BLOCK_R=block_r2, UPCAST=upcast, PREC=precision,
-            PIPE=bool(cfg["pipe2"]), ROWS_M=bool(cfg["rows_m2"]), **({} if interp else {"num_warps": cfg["warps2"], "num_stages": cfg["stages2"]}),
+            PIPE=bool(cfg["pipe2"]), ROWS_M=bool(cfg["rows_m2"]),
+            **({} if interp else {"num_warps": cfg["warps2"], "num_stages": cfg["stages2"]}),
         )
     return scores, window_mass
