@@ -128,7 +128,7 @@ def sample_attention(
         rows = sample_rows(S, sample_ratio, device=q.device)
         scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=name)
         sel, counts, density = _backend.selection_stage(scores, window_mass, alpha, window_tokens, S, backend=name)
-        out = _backend.sparse_attention(q, k, v, sel, scale, backend=name, counts=counts)
+        out = _backend.sparse_attention(q, k, v, sel, scale, backend=name, counts=counts, window_hint=window_tokens)
         return out, density, sel.window, sel.cols, sel.ncols
 
     if graphs is None:

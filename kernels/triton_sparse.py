@@ -127,6 +127,7 @@ def _sparse_attn_fwd(
     S_BUCKET,  # unused in the body: the autotuner's length key
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COUNT_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr,
+    MERGED_EDGES: tl.constexpr = False,
 ):
     bh = tl.program_id(0)
     mblk = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query blocks first
@@ -192,25 +193,42 @@ def _sparse_attn_fwd(
     n_tiles = tl.cdiv(hi - lo, BLOCK_N)
     t_a = tl.minimum(tl.cdiv(tl.maximum(m1 - w - lo, 0), BLOCK_N), n_tiles)
     t_b = tl.maximum(tl.minimum((m0 + 1 - lo) // BLOCK_N, n_tiles), t_a)
-    for t in range(0, t_a):
-        j0 = lo + t * BLOCK_N
-        offs_j = j0 + offs_n
-        k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
-        v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
-        mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
-        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
-    for t in range(t_a, t_b):
-        j0 = lo + t * BLOCK_N
-        k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, False, TMA)
-        v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, False, TMA)
-        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
-    for t in range(t_b, n_tiles):
-        j0 = lo + t * BLOCK_N
-        offs_j = j0 + offs_n
-        k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
-        v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
-        mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
-        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
+    if MERGED_EDGES:
+        # the unmasked tiles, then both edges' masked tiles in one loop: one software pipeline
+        # fewer to fill per program (faster for short bands only, see EDGE_MERGE_MAX_TILES)
+        for t in range(t_a, t_b):
+            j0 = lo + t * BLOCK_N
+            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, False, TMA)
+            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, False, TMA)
+            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
+        for u in range(0, t_a + n_tiles - t_b):
+            t = tl.where(u < t_a, u, u - t_a + t_b)
+            j0 = lo + t * BLOCK_N
+            offs_j = j0 + offs_n
+            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
+            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
+            mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
+            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
+    else:
+        for t in range(0, t_a):
+            j0 = lo + t * BLOCK_N
+            offs_j = j0 + offs_n
+            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
+            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
+            mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
+            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
+        for t in range(t_a, t_b):
+            j0 = lo + t * BLOCK_N
+            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, False, TMA)
+            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, False, TMA)
+            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
+        for t in range(t_b, n_tiles):
+            j0 = lo + t * BLOCK_N
+            offs_j = j0 + offs_n
+            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
+            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
+            mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
+            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
 
     # Rows past S (last block only) may have seen no key; they are not stored.
     out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
@@ -222,11 +240,12 @@ def _sparse_attn_fwd(
                  mask=row_ok[:, None])
 
 
-# Few configs, keyed on head_dim, precision and the power-of-two length bucket. On an H100 with
-# hd 128, BLOCK_N 128 / 8 warps / 3 stages won everywhere from 32K to 128K; BLOCK_N 64 / 4 warps
-# ran at half its speed and 2 stages 13-27% slower (docs/KERNEL_NOTES.md). The 64-wide config
-# stays for head_dim 64 and short sequences, where it has not been measured to lose; 64-row
-# programs (two resident per SM) join for head_dim 64 only (_prune_configs).
+# Few configs, keyed on head_dim, precision, the power-of-two length bucket and the loop
+# structure (MERGED_EDGES). On an H100 with hd 128, BLOCK_N 128 / 8 warps / 3 stages won everywhere
+# from 32K to 128K; BLOCK_N 64 / 4 warps ran at half its speed and 2 stages 13-27% slower
+# (docs/KERNEL_NOTES.md). The 64-wide config stays for head_dim 64 and short sequences, where it
+# has not been measured to lose; 64-row programs (two resident per SM) join for head_dim 64 only
+# (_prune_configs).
 _ROWS_HOOK = descriptor_rows_hook(QD="BLOCK_M", KD="BLOCK_N", VD="BLOCK_N", OD="BLOCK_M", KCD="BLOCK_N", VCD="BLOCK_N")
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns, pre_hook=_ROWS_HOOK)
@@ -247,6 +266,14 @@ def _prune_configs(configs: list, nargs: dict, **kwargs) -> list:  # type: ignor
 # Warp-specializing the band's unmasked loop (tl.range(..., warp_specialize=True)) measured no
 # gain on the H100 (35.96 vs 36.11 ms at 10%, 134.4 vs 133.0 ms at 40%, 128K; KERNEL_NOTES.md v4).
 FIXED_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+# Both band edges' masked tiles in one loop, after the unmasked tiles (MERGED_EDGES; one software
+# pipeline fewer to fill per program) where the window is shorter than this many 128-key tiles.
+# Interleaved on an H100 (KERNEL_NOTES.md v9, raw/v9_gpu_sparse_edge_loop.json): 2% faster at
+# 128K / 3% density (8 tiles), 6% at 32K / 3% (2 tiles), 4-6% for the default model's 5% window
+# at 16K (7 tiles), 1-4% at 32K (13 tiles); equal at 128K / 5% (13 tiles); 1% slower at 10%
+# (26 tiles), 7-11% slower at 20-40% (53-109 tiles). The window is known on the host for the
+# "sample" rule (a share of S): the caller passes it as window_hint.
+EDGE_MERGE_MAX_TILES = 16
 # Q, O and the band's tiles through the copy engine (descriptors made once on the host) where the
 # GPU, the dtype and the strides allow: 6-10% faster on an H100 at 32K-128K (KERNEL_NOTES.md v6;
 # descriptors made by each program cost ~1.7 us per program and were dropped).
@@ -260,7 +287,7 @@ USE_PACKED = True
 _PACK_BLOCK = 64
 
 _sparse_attn_fwd_tuned = triton.autotune(
-    configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC", "TMA", "PACKED"],
+    configs=_CONFIGS, key=["HEAD_DIM", "S_BUCKET", "PREC", "TMA", "PACKED", "MERGED_EDGES"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_sparse_attn_fwd)
 
@@ -287,6 +314,12 @@ def count_block() -> int:
     """Query rows per block of the sparse kernel's column counts in this process (small under
     the interpreter); every launch's BLOCK_M is a multiple of it."""
     return _INTERPRET_COUNT_BLOCK if interpreting() else COUNT_BLOCK
+
+
+def merged_edges(window: int | None, S: int) -> bool:
+    """Whether the band's two masked edges run as one loop for a window of `window` tokens
+    (None: not known on the host, the structure for long bands)."""
+    return window is not None and 0 < window and triton.cdiv(min(window, S), 128) < EDGE_MERGE_MAX_TILES
 
 
 def column_counts(sel: Selection, block_m: int) -> torch.Tensor:
@@ -320,6 +353,7 @@ def sparse_attention_triton(
     counts: torch.Tensor | None = None,
     tma: bool | None = None,
     packed: bool | None = None,
+    window_hint: int | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention over the entries kept by `sel` (Triton).
 
@@ -329,7 +363,8 @@ def sparse_attention_triton(
          ascending within ncols (B, Hq) int32, padded with S.
     scale: softmax scale (> 0).
     out: optional (B, Hq, S, D) tensor of q's dtype, last dim contiguous, to write into.
-    config: optional fixed launch config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+    config: optional fixed launch config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
+        "MERGED_EDGES"}
         (missing keys from FIXED_CONFIG; BLOCK_M a multiple of count_block()) instead of the
         autotuned one; benchmarks compare configs with it. Ignored under the interpreter,
         which uses small tiles.
@@ -344,6 +379,9 @@ def sparse_attention_triton(
         C = sel.cols.shape[-1]) so whole column tiles load through descriptors too (None:
         USE_PACKED); off without descriptors and, on the GPU, when C < 128 (the regime checked
         there).
+    window_hint: the heads' (typical) window in tokens, when the caller knows it on the host
+        (the "sample" rule's window is a fixed share of S); it picks the band's loop structure
+        (merged_edges), never which keys are computed. None: the structure for long bands.
     Returns out (B, Hq, S, D), q's dtype: row i of head h is the softmax-weighted
     sum over keys j <= i with i - window < j, or j a selected column with j <= i - window.
     """
@@ -384,6 +422,7 @@ def sparse_attention_triton(
         tiles = {"BLOCK_M": _INTERPRET_BLOCK_M, "BLOCK_N": _INTERPRET_BLOCK_N}
     else:
         tiles = {**FIXED_CONFIG, **(config or {})}
+    merged = bool((config or {}).get("MERGED_EDGES", merged_edges(window_hint, S)))
     assert tiles["BLOCK_M"] % cb == 0, f"BLOCK_M {tiles['BLOCK_M']} must be a multiple of {cb}"
     if tma is None:
         tma = USE_TMA and not interp
@@ -410,11 +449,11 @@ def sparse_attention_triton(
         launch = {} if interp else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
         _sparse_attn_fwd[(B * Hq, triton.cdiv(S, tiles["BLOCK_M"]))](
             *args, S_BUCKET=0, HEAD_DIM=D, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], COUNT_BLOCK=cb,
-            UPCAST=upcast, PREC=precision, TMA=tma, PACKED=packed, **launch,
+            UPCAST=upcast, PREC=precision, TMA=tma, PACKED=packed, MERGED_EDGES=merged, **launch,
         )
     else:
         _sparse_attn_fwd_tuned[lambda meta: (B * Hq, triton.cdiv(S, meta["BLOCK_M"]))](
             *args, S_BUCKET=max(S - 1, 1).bit_length(), HEAD_DIM=D, COUNT_BLOCK=cb,
-            UPCAST=upcast, PREC=precision, TMA=tma, PACKED=packed,
+            UPCAST=upcast, PREC=precision, TMA=tma, PACKED=packed, MERGED_EDGES=merged,
         )
     return out

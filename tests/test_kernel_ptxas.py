@@ -28,7 +28,7 @@ import triton.backends.nvidia as nv
 from triton.backends.compiler import GPUTarget
 from sacli.kernels import triton_sparse as tsp
 
-D, BM, BN, warps, stages, packed = json.loads(sys.argv[1])
+D, BM, BN, warps, stages, packed, merged = json.loads(sys.argv[1])
 ptxas = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
 if not os.path.exists(ptxas):
     print(json.dumps({"skip": "no bundled ptxas"}))
@@ -38,7 +38,7 @@ types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "QD": desc(BM),
          "VD": desc(BN), "KCD": desc(BN) if packed else "constexpr", "VCD": desc(BN) if packed else "constexpr",
          "WIN": "*i32", "COLS": "*i32", "CNT": "*i32", "qk_scale": "fp32"}
 consts = {"HEAD_DIM": D, "BLOCK_M": BM, "BLOCK_N": BN, "COUNT_BLOCK": 64, "UPCAST": False, "PREC": "tf32",
-          "TMA": True, "PACKED": bool(packed)}
+          "TMA": True, "PACKED": bool(packed), "MERGED_EDGES": bool(merged)}
 if not packed:
     consts.update(KCD=None, VCD=None)
 fn = tsp._sparse_attn_fwd
@@ -56,12 +56,13 @@ print(json.dumps({"rc": r.returncode, "log": r.stderr}))
 @pytest.mark.parametrize(
     "config",
     [
-        (128, 128, 128, 8, 3, True),  # head_dim 128: the autotuner's pick on an H100, packed columns
-        (128, 128, 128, 8, 3, False),  # gathered columns
-        (64, 128, 128, 8, 3, True),  # head_dim 64 (the default model)
-        (64, 64, 64, 4, 3, True),  # head_dim 64, 64-row programs
+        (128, 128, 128, 8, 3, True, 0),  # head_dim 128: the autotuner's pick on an H100, packed columns
+        (128, 128, 128, 8, 3, False, 0),  # gathered columns
+        (128, 128, 128, 8, 3, True, 1),  # both band edges in one loop (short bands)
+        (64, 128, 128, 8, 3, True, 0),  # head_dim 64 (the default model)
+        (64, 64, 64, 4, 3, True, 0),  # head_dim 64, 64-row programs
     ],
-    ids=["hd128-packed", "hd128-gathered", "hd64-packed", "hd64-block64"],
+    ids=["hd128-packed", "hd128-gathered", "hd128-merged-edges", "hd64-packed", "hd64-block64"],
 )
 def test_sparse_kernel_mmas_not_serialised(config, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

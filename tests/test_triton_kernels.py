@@ -103,6 +103,32 @@ def test_sparse_matches_reference(B, Hq, Hkv, S, D, dtype):
     _assert_within_torch_error(ref, q, k, v, selection_mask(sel), scale)
 
 
+@pytest.mark.parametrize("case", [SPARSE_CASES[0], SPARSE_CASES[1], SPARSE_CASES[3]])
+def test_sparse_merged_edges_match_reference(case):
+    """Both band edges' masked tiles in one loop after the unmasked tiles (the structure for
+    short bands): the same function as one loop per edge."""
+    B, Hq, Hkv, S, D, dtype = case
+    q, k, v = _qkv(B, Hq, Hkv, S, D, dtype, seed=S + D + 2)
+    sel = _random_selection(B, Hq, S, seed=S + 1)
+    scale = D**-0.5
+    out = sparse_attention_triton(q, k, v, sel, scale, out=_poisoned((B, Hq, S, D), dtype),
+                                  config={"MERGED_EDGES": True})
+    _assert_within_torch_error(out, q, k, v, selection_mask(sel), scale)
+
+
+def test_merged_edges_only_for_short_bands():
+    """The host picks the band's loop structure from the window it knows: merged edges below
+    EDGE_MERGE_MAX_TILES tiles of 128 keys; separate edges for long or unknown windows."""
+    import sacli.kernels.triton_sparse as tsp
+
+    S = 131072
+    limit = tsp.EDGE_MERGE_MAX_TILES * 128
+    assert tsp.merged_edges(987, S) and tsp.merged_edges(limit - 128, S)
+    assert not tsp.merged_edges(limit, S) and not tsp.merged_edges(3319, S)
+    assert not tsp.merged_edges(None, S) and not tsp.merged_edges(0, S)
+    assert tsp.merged_edges(10**6, 1000)  # a window past S spans S keys
+
+
 def test_sparse_window_one_without_columns_copies_v():
     """Each row keeps only its diagonal entry: the output is exactly that row of V."""
     B, Hq, Hkv, S, D = 1, 2, 1, 70, 64
