@@ -277,6 +277,10 @@ def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only
     sparse_runs += [((1, 32, 8, 4096, 128), cfg, True)
                     for cfg in [None] + ([] if light else SPARSE_CONFIGS + EXTRA_SPARSE_CONFIGS)]
     sparse_runs.append(((1, 8, 2, 4099, 128), None, True, False))  # descriptors, columns gathered
+    # both band edges in one loop (the structure for windows under EDGE_MERGE_MAX_TILES tiles)
+    merged = {"MERGED_EDGES": True}
+    sparse_runs += [((1, 8, 2, 4099, 128), merged, False), ((1, 8, 2, 4099, 128), merged, True),
+                    ((2, 9, 3, 2000, 64), merged, True), ((1, 32, 8, 4096, 128), merged, True)]
     for case, cfg, tma, *packed in sparse_runs:
         try:
             r = check_sparse(case, cfg, tma, *packed)
