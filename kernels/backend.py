@@ -126,7 +126,8 @@ def sparse_attention(
     """Stage 3 on the chosen backend; shapes and semantics as `reference.sparse_attention`.
     counts: the Triton backend's per-block column counts from `selection_stage` (optional; the
     launcher computes them when absent); window_hint: the window in tokens where the host knows
-    it (a key of the Triton kernel's autotuner); both ignored by the torch backend."""
+    it (it picks the Triton kernel's loop structure for the band); both ignored by the torch
+    backend."""
     if choose_backend(backend, q, k, v) == "triton":
         return _triton_function("triton_sparse", "sparse_attention_triton")(q, k, v, sel, scale, counts=counts,
                                                                             window_hint=window_hint)

@@ -116,7 +116,7 @@ class _LayerTimer:
         def hook(module: torch.nn.Module, args: Any) -> None:
             if self._cuda:
                 start = torch.cuda.Event(enable_timing=True)
-                start.record()
+                start.record(torch.cuda.current_stream(self.device))
                 self._events[i].append((start, start))
             else:
                 self._start[i] = time.perf_counter()
@@ -127,7 +127,7 @@ class _LayerTimer:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             if self._cuda:
                 end = torch.cuda.Event(enable_timing=True)
-                end.record()
+                end.record(torch.cuda.current_stream(self.device))
                 start, _ = self._events[i][-1]
                 self._events[i][-1] = (start, end)
                 previous, self._last_end = self._last_end, end

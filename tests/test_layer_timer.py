@@ -24,7 +24,8 @@ class _FakeEvent:
         self.t: int | None = None
         _FakeEvent.created.append(self)
 
-    def record(self) -> None:
+    def record(self, stream: object = None) -> None:
+        assert stream == "stream of cuda:1"  # the model's device, not the current one
         self.t = next(_FakeEvent.clock) * 10
 
     def synchronize(self) -> None:
@@ -39,11 +40,12 @@ def test_cuda_timer_waits_one_layer_behind_and_reads_events(monkeypatch):
     _FakeEvent.log.clear()
     _FakeEvent.created.clear()
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
     syncs: list[str] = []
-    monkeypatch.setattr(gen, "_sync", lambda device: syncs.append(device.type))
+    monkeypatch.setattr(gen, "_sync", lambda device: syncs.append(str(device)))
     layers = [torch.nn.Identity() for _ in range(3)]
     seen: list[tuple[int, int]] = []
-    timer = gen._LayerTimer(layers, torch.device("cuda"), lambda d, n: (seen.append((d, n)), _FakeEvent.log.append(("report", d))))
+    timer = gen._LayerTimer(layers, torch.device("cuda:1"), lambda d, n: (seen.append((d, n)), _FakeEvent.log.append(("report", d))))
     x = torch.randn(2, 3)
     for layer in layers:
         x = layer(x)
@@ -52,7 +54,7 @@ def test_cuda_timer_waits_one_layer_behind_and_reads_events(monkeypatch):
     assert _FakeEvent.log == [("wait", 1), ("report", 1), ("wait", 3), ("report", 2)]
     timer.finish()
     timer.remove()
-    assert syncs == ["cuda"]
+    assert syncs == ["cuda:1"]
     assert seen == [(1, 3), (2, 3), (3, 3)]
     assert timer.ms == [10.0, 10.0, 10.0]
 
