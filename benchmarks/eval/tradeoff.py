@@ -26,7 +26,7 @@ import torch
 
 from sacli import evaluate as ev
 from sacli.config import load_settings
-from sacli.kernels.rules import DEFAULT_RULE, RuleConfig, select_adaptive
+from sacli.kernels.rules import DEFAULT_RULE, select_adaptive
 
 
 def variants(alphas: list[float], window: float, sample_ratio: float) -> dict[str, tuple[str, dict[str, Any]]]:
