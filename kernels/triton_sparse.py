@@ -88,6 +88,18 @@ def _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask,
 
 
 @triton.jit
+def _band_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, j0, offs_n, offs_d, offs_m, w, S, s_ks, s_vs,
+               qk_scale, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    """One online-softmax step over the band's keys [j0, j0 + BLOCK_N); MASKED on the tiles that
+    cross an edge of the band (i - w < j <= i) or S."""
+    offs_j = j0 + offs_n
+    k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, MASKED, TMA)
+    v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, MASKED, TMA)
+    mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
+    return _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED, UPCAST, PREC)
+
+
+@triton.jit
 def _gather_columns(
     K, V, COLS, NCOLS, KC, VC, H_Q, GROUP, C,
     s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_cb, s_ch,
@@ -197,38 +209,22 @@ def _sparse_attn_fwd(
         # the unmasked tiles, then both edges' masked tiles in one loop: one software pipeline
         # fewer to fill per program (faster for short bands only, see EDGE_MERGE_MAX_TILES)
         for t in range(t_a, t_b):
-            j0 = lo + t * BLOCK_N
-            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, False, TMA)
-            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, False, TMA)
-            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, lo + t * BLOCK_N, offs_n,
+                                       offs_d, offs_m, w, S, s_ks, s_vs, qk_scale, False, UPCAST, PREC, TMA)
         for u in range(0, t_a + n_tiles - t_b):
             t = tl.where(u < t_a, u, u - t_a + t_b)
-            j0 = lo + t * BLOCK_N
-            offs_j = j0 + offs_n
-            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
-            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
-            mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
-            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, lo + t * BLOCK_N, offs_n,
+                                       offs_d, offs_m, w, S, s_ks, s_vs, qk_scale, True, UPCAST, PREC, TMA)
     else:
         for t in range(0, t_a):
-            j0 = lo + t * BLOCK_N
-            offs_j = j0 + offs_n
-            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
-            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
-            mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
-            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, lo + t * BLOCK_N, offs_n,
+                                       offs_d, offs_m, w, S, s_ks, s_vs, qk_scale, True, UPCAST, PREC, TMA)
         for t in range(t_a, t_b):
-            j0 = lo + t * BLOCK_N
-            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, False, TMA)
-            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, False, TMA)
-            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, None, False, UPCAST, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, lo + t * BLOCK_N, offs_n,
+                                       offs_d, offs_m, w, S, s_ks, s_vs, qk_scale, False, UPCAST, PREC, TMA)
         for t in range(t_b, n_tiles):
-            j0 = lo + t * BLOCK_N
-            offs_j = j0 + offs_n
-            k = row_tile(k_base, KD, b, hk, j0, offs_n, offs_d, S, s_ks, True, TMA)
-            v = row_tile(v_base, VD, b, hk, j0, offs_n, offs_d, S, s_vs, True, TMA)
-            mask = (offs_j[None, :] > offs_m[:, None] - w) & (offs_j[None, :] <= offs_m[:, None])
-            acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, qk_scale, mask, True, UPCAST, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, KD, VD, b, hk, lo + t * BLOCK_N, offs_n,
+                                       offs_d, offs_m, w, S, s_ks, s_vs, qk_scale, True, UPCAST, PREC, TMA)
 
     # Rows past S (last block only) may have seen no key; they are not stored.
     out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
