@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -148,10 +148,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     settings = load_settings({"device": args.device, "dtype": "auto", "rope_scale": "yarn"}, environ={})
-    families: tuple[tuple[str, Any], ...] = () if args.only_block_columns else (
-        (("window+columns", False),) + (() if args.no_diagonals else (("window+columns+diagonals", True),)))
+    # (name, oracle(P, alpha) -> kept mask)
+    families: list[tuple[str, Callable[[torch.Tensor, float], torch.Tensor]]] = []
+    if not args.only_block_columns:
+        families.append(("window+columns", lambda P, a: _select(P, a, False)))
+        if not args.no_diagonals:
+            families.append(("window+columns+diagonals", lambda P, a: _select(P, a, True)))
     if args.block_columns:
-        families += ((f"window+columns per {args.block_columns} rows", args.block_columns),)
+        families.append((f"window+columns per {args.block_columns} rows",
+                         lambda P, a: _select_block_columns(P, a, args.block_columns)))
     (S,) = ev.parse_lengths(args.length)
     layers = [int(x) for x in args.layers.split(",")]
     alphas = ev.parse_floats(args.alphas, "--alphas")
@@ -184,8 +189,8 @@ def main() -> None:
             rec: dict[str, Any] = {"layer": layer, "head": h}
             for a in alphas:
                 rec[f"row_oracle_density@{a}"] = float(oracle_row_counts(P, a).sum()) / causal
-                for fam, diag in families:
-                    mask = _select_block_columns(P, a, diag) if not isinstance(diag, bool) else _select(P, a, diag)
+                for fam, oracle in families:
+                    mask = oracle(P, a)
                     rec[f"{fam}@{a}"] = {"density": float(mask.sum()) / causal, "err": _error(P, mask, vh, out)}
             heads.append(rec)
             print(f"L{layer}.H{h} {time.perf_counter() - t0:.0f}s "

@@ -13,41 +13,27 @@ committed kernel keeps EDGE_LOOP 0 and 2, as MERGED_EDGES False / True).
 """
 
 import json
-import os
 import sys
 
-import torch
+from sparse_common import bf16_qkv, compare
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import gpu_check as g  # noqa: E402
-
-from sacli.bench import synthetic_selection  # noqa: E402
-from sacli.kernels import triton_sparse as tsp  # noqa: E402
+from sacli.bench import environment, synthetic_selection
+from sacli.kernels import triton_sparse as tsp
 
 out = sys.argv[1]
-rep = {"env": g.environment(sys.argv), "runs": []}
+rep = {"env": environment(sys.argv), "runs": []}
 BIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 SMALL = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
 def run(shape, S, sel, cfg, packed, label):
     Hq, Hkv, D = shape
-    gen = torch.Generator(device="cuda").manual_seed(S + D)
-    q = torch.randn(1, Hq, S, D, device="cuda", generator=gen).to(torch.bfloat16)
-    k = torch.randn(1, Hkv, S, D, device="cuda", generator=gen).to(torch.bfloat16)
-    v = torch.randn(1, Hkv, S, D, device="cuda", generator=gen).to(torch.bfloat16)
-    kept = float(sel.kept_entries().sum())
+    q, k, v = bf16_qkv(Hq, Hkv, S, D, seed=S + D)
     counts = tsp.column_counts(sel, tsp.count_block())
     fns = [lambda e=e: tsp.sparse_attention_triton(q, k, v, sel, D**-0.5, config={**cfg, "EDGE_LOOP": e},
                                                    counts=counts, packed=packed) for e in (0, 1, 2)]
-    ref = fns[0]().float()
-    diffs = [(f().float() - ref).abs().max().item() for f in fns]
-    ms = g.time_interleaved(fns)
-    e = {"case": label, "shape": shape, "S": S, "density": kept / (Hq * S * (S + 1) / 2), "config": cfg,
-         "packed": packed, "ms": dict(zip(("edge0", "edge1", "edge2"), ms)), "max_abs_diff": diffs,
-         "tflops": [4 * D * kept / t / 1e9 for t in ms]}
-    rep["runs"].append(e)
-    print(json.dumps(e), flush=True)
+    rep["runs"].append(compare(fns, ("edge0", "edge1", "edge2"), case=label, shape=shape, S=S, sel=sel, config=cfg,
+                               packed=packed))
 
 
 for S in (131072, 32768):

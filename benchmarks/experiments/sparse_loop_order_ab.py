@@ -8,13 +8,12 @@ order is rebuilt from kernels/triton_sparse.py by swapping the two loops back, s
 are otherwise the same code; `max_abs_diff` compares their outputs (bf16 rounding only).
 """
 
-import importlib.util
 import json
 import os
 import sys
-import tempfile
 
 import torch
+from sparse_common import bf16_qkv, kernel_variant
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import gpu_check as g  # noqa: E402
@@ -25,20 +24,13 @@ from sacli.kernels import triton_sparse as tsp  # noqa: E402
 
 def previous_order_module():
     """kernels/triton_sparse.py with the partial column tile's loop moved back after the whole tiles'."""
-    src = open(tsp.__file__).read()
-    partial = src.index("    for start in range(n_all_tiles, n_any, BLOCK_N):")
-    whole = src.index("    for start in range(0, n_all_tiles, BLOCK_N):")
-    band = src.index("    # (b) the band [lo, hi)")
-    src = src[:partial] + src[whole:band].rstrip("\n") + "\n" + src[partial:whole] + "\n" + src[band:]
-    src = src.replace("from .selection import", "from sacli.kernels.selection import")
-    src = src.replace("from .triton_common import", "from sacli.kernels.triton_common import")
-    path = os.path.join(tempfile.mkdtemp(), "triton_sparse_previous_order.py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("triton_sparse_previous_order", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    def edit(src: str) -> str:
+        partial = src.index("    for start in range(n_all_tiles, n_any, BLOCK_N):")
+        whole = src.index("    for start in range(0, n_all_tiles, BLOCK_N):")
+        band = src.index("    # (b) the band [lo, hi)")
+        return src[:partial] + src[whole:band].rstrip("\n") + "\n" + src[partial:whole] + "\n" + src[band:]
+
+    return kernel_variant("triton_sparse_previous_order", edit)
 
 
 out, packed = sys.argv[1], bool(int(sys.argv[2]))
@@ -46,10 +38,7 @@ old = previous_order_module()
 rep = {"env": g.environment(sys.argv), "runs": []}
 cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 for S in (131072, 32768) if packed else (131072, 16384):
-    gen = torch.Generator(device="cuda").manual_seed(S)
-    q = torch.randn(1, 32, S, 128, device="cuda", generator=gen).to(torch.bfloat16)
-    k = torch.randn(1, 8, S, 128, device="cuda", generator=gen).to(torch.bfloat16)
-    v = torch.randn(1, 8, S, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    q, k, v = bf16_qkv(32, 8, S, 128, seed=S)
     for dens in (0.03, 0.1, 0.4) if packed else (0.03, 0.1):
         sel = synthetic_selection(1, 32, S, density=dens, device="cuda", seed=S)
         kept = float(sel.kept_entries().sum())

@@ -10,14 +10,12 @@ variant against the float64 reference at small shapes.
 The variant is built from kernels/triton_sparse.py by replacing its loops (`masked_first_module`).
 """
 
-import importlib.util
 import json
-import os
 import sys
-import tempfile
 
-import torch
+from sparse_common import bf16_qkv, check_against_reference, compare, kernel_variant
 
+from sacli.bench import environment
 from sacli.kernels import triton_sparse as tsp
 
 NEW_LOOPS = '''    lo = tl.maximum(m0 - w + 1, 0)
@@ -61,64 +59,31 @@ NEW_LOOPS = '''    lo = tl.maximum(m0 - w + 1, 0)
 
 
 def masked_first_module():
-    src = open(tsp.__file__).read()
-    a = src.index("    for start in range(n_all_tiles, n_any, BLOCK_N):")
-    b = src.index("    # Rows past S (last block only)")
-    src = src[:a] + NEW_LOOPS + src[b:]
-    src = src.replace("from .selection import", "from sacli.kernels.selection import")
-    src = src.replace("from .triton_common import", "from sacli.kernels.triton_common import")
-    path = os.path.join(tempfile.mkdtemp(), "triton_sparse_masked_first.py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("triton_sparse_masked_first", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    def edit(src: str) -> str:
+        a = src.index("    for start in range(n_all_tiles, n_any, BLOCK_N):")
+        b = src.index("    # Rows past S (last block only)")
+        return src[:a] + NEW_LOOPS + src[b:]
 
-
-def check_cpu() -> None:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
-    import test_triton_kernels as t  # noqa: E402
-
-    new = masked_first_module()
-    for B, Hq, Hkv, S, D, dtype in t.SPARSE_CASES:
-        q, k, v = t._qkv(B, Hq, Hkv, S, D, dtype, seed=S + D)
-        sel = t._random_selection(B, Hq, S, seed=S)
-        out = new.sparse_attention_triton(q, k, v, sel, D**-0.5, out=t._poisoned((B, Hq, S, D), dtype))
-        t._assert_within_torch_error(out, q, k, v, t.selection_mask(sel), D**-0.5)
-        print("ok", (B, Hq, Hkv, S, D, dtype))
+    return kernel_variant("triton_sparse_masked_first", edit)
 
 
 def main(out: str) -> None:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    import gpu_check as g  # noqa: E402
-
-    from sacli.bench import synthetic_selection  # noqa: E402
+    from sacli.bench import synthetic_selection
 
     new = masked_first_module()
-    rep = {"env": g.environment(sys.argv), "runs": []}
+    rep = {"env": environment(sys.argv), "runs": []}
     big = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
     small = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
     def run(shape, S, sel, cfg, label):
         Hq, Hkv, D = shape
-        gen = torch.Generator(device="cuda").manual_seed(S + D)
-        q = torch.randn(1, Hq, S, D, device="cuda", generator=gen).to(torch.bfloat16)
-        k = torch.randn(1, Hkv, S, D, device="cuda", generator=gen).to(torch.bfloat16)
-        v = torch.randn(1, Hkv, S, D, device="cuda", generator=gen).to(torch.bfloat16)
-        kept = float(sel.kept_entries().sum())
+        q, k, v = bf16_qkv(Hq, Hkv, S, D, seed=S + D)
         counts = tsp.column_counts(sel, tsp.count_block())
         fns = [lambda m=m: tsp.sparse_attention_triton(q, k, v, sel, D**-0.5, config={**cfg, "MERGED_EDGES": m},
                                                        counts=counts) for m in (False, True)]
         fns.append(lambda: new.sparse_attention_triton(q, k, v, sel, D**-0.5, config=cfg, counts=counts))
-        ref = fns[0]().float()
-        diffs = [(f().float() - ref).abs().max().item() for f in fns]
-        ms = g.time_interleaved(fns)
-        e = {"case": label, "shape": shape, "S": S, "density": kept / (Hq * S * (S + 1) / 2), "config": cfg,
-             "ms": dict(zip(("separate_edges", "merged_edges", "masked_first"), ms)), "max_abs_diff": diffs,
-             "tflops": [4 * D * kept / t / 1e9 for t in ms]}
-        rep["runs"].append(e)
-        print(json.dumps(e), flush=True)
+        rep["runs"].append(compare(fns, ("separate_edges", "merged_edges", "masked_first"), case=label, shape=shape,
+                                   S=S, sel=sel, config=cfg))
 
     for S in (131072, 32768):
         for dens in (0.03, 0.05, 0.1, 0.2, 0.4) if S == 131072 else (0.03, 0.1):
@@ -131,4 +96,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    check_cpu() if sys.argv[1] == "--check" else main(sys.argv[1])
+    check_against_reference(masked_first_module()) if sys.argv[1] == "--check" else main(sys.argv[1])
