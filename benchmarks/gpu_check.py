@@ -84,7 +84,21 @@ def random_selection(B, H, S, seed):
     return Selection(win.to(torch.int32).to(DEV), cols.to(DEV), ncols.to(DEV), S)
 
 
-def check_sparse(case, config, tma=None, packed=None):
+def segmented(sel: Selection, segment: int, seed: int) -> Selection:
+    """A segmented selection with the windows of `sel` and, per segment, random columns."""
+    B, H = sel.window.shape
+    S = sel.seq_len
+    N, C = -(-S // segment), S // 8
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.full((B, H, N, C), S, dtype=torch.int32)
+    ncols = torch.randint(0, C + 1, (B, H, N), generator=g, dtype=torch.int32)
+    for i in range(B * H * N):
+        n = int(ncols.view(-1)[i])
+        cols.view(-1, C)[i, :n] = torch.randperm(S, generator=g)[:n].sort().values.to(torch.int32)
+    return Selection(sel.window, cols.to(DEV), ncols.to(DEV), S, segment=segment)
+
+
+def check_sparse(case, config, tma=None, packed=None, segment=0):
     B, Hq, Hkv, S, D, *rest = case
     dtype = rest[0] if rest else torch.bfloat16
     g = torch.Generator(device=DEV).manual_seed(S * D + Hq)
@@ -92,6 +106,8 @@ def check_sparse(case, config, tma=None, packed=None):
     k = torch.randn(B, Hkv, S, D, device=DEV, generator=g).to(dtype)
     v = torch.randn(B, Hkv, S, D, device=DEV, generator=g).to(dtype)
     sel = random_selection(B, Hq, S, seed=S)
+    if segment:
+        sel = segmented(sel, segment, seed=S + 1)
     mask = selection_mask(sel)
     scale = D**-0.5
     out = torch.full_like(q, float("nan"))
@@ -101,8 +117,8 @@ def check_sparse(case, config, tma=None, packed=None):
     torch_err = (masked_attention(q, k, v, mask, scale, dtype).double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
     ok = bool(not torch.isnan(out).any()) and err <= 2 * torch_err + 1e-5
-    return {"case": [*case[:5], str(dtype)], "config": config, "tma": tma, "packed": packed, "tma_used": used, "err": err,
-            "torch_err": torch_err, "ok": ok}
+    return {"case": [*case[:5], str(dtype)], "config": config, "tma": tma, "packed": packed, "segment": segment,
+            "tma_used": used, "err": err, "torch_err": torch_err, "ok": ok}
 
 
 def check_sampling(case, config):
@@ -281,9 +297,13 @@ def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only
     merged = {"MERGED_EDGES": True}
     sparse_runs += [((1, 8, 2, 4099, 128), merged, False), ((1, 8, 2, 4099, 128), merged, True),
                     ((2, 9, 3, 2000, 64), merged, True), ((1, 32, 8, 4096, 128), merged, True)]
-    for case, cfg, tma, *packed in sparse_runs:
+    # segmented selections (a column list per segment of query rows), both loop structures
+    sparse_runs += [((1, 8, 2, 4099, 128), None, True, None, 256), ((2, 9, 3, 2000, 64), None, False, None, 128),
+                    ((2, 9, 3, 2000, 64), None, True, None, 128), ((2, 9, 3, 2000, 64), merged, True, None, 384),
+                    ((1, 4, 2, 1000, 128, torch.float16), None, True, None, 128)]
+    for case, cfg, tma, *extra in sparse_runs:
         try:
-            r = check_sparse(case, cfg, tma, *packed)
+            r = check_sparse(case, cfg, tma, *extra)
         except Exception:
             r = {"case": case, "config": cfg, "tma": tma, "ok": False, "error": traceback.format_exc()[-800:]}
         failures += not r["ok"]
@@ -320,6 +340,33 @@ def main(path: str, lengths: list[int], sparse_only: bool = False, sampling_only
     print("graphs", r, flush=True)
     save()
     print(f"correctness failures so far: {failures}", flush=True)
+
+    if os.environ.get("GPU_CHECK_SEGMENTS") == "1":
+        # the cost of a column list per segment: the same per-head columns given to every segment
+        # (equal kept entries), against the per-head selection packed and gathered
+        for Hq, Hkv, D, S, dens in ((9, 3, 64, 32768, 0.1), (9, 3, 64, 32768, 0.2), (9, 3, 64, 65536, 0.1),
+                                    (32, 8, 128, 131072, 0.1)):
+            g = torch.Generator(device=DEV).manual_seed(S)
+            q = torch.randn(1, Hq, S, D, device=DEV, generator=g).to(torch.bfloat16)
+            k, v = (torch.randn(1, Hkv, S, D, device=DEV, generator=g).to(torch.bfloat16) for _ in range(2))
+            sel = synthetic_selection(1, Hq, S, density=dens, device=DEV, seed=S)
+            N = -(-S // 128)
+            seg = Selection(sel.window, sel.cols[:, :, None].expand(-1, -1, N, -1).contiguous(),
+                            sel.ncols[:, :, None].expand(-1, -1, N).contiguous(), S, segment=128)
+            same = bool(torch.equal(seg.kept_entries(), sel.kept_entries()))
+            fns = [lambda p=p: tsp.sparse_attention_triton(q, k, v, sel, D**-0.5, packed=p) for p in (True, False)]
+            fns.append(lambda: tsp.sparse_attention_triton(q, k, v, seg, D**-0.5))
+            equal = bool(torch.equal(fns[1](), fns[2]()))  # gathered per head == segmented, bit for bit
+            times = time_interleaved(fns)
+            entry = {"kind": "sparse_segmented", "S": S, "Hq": Hq, "D": D, "density": float(sel.density().mean()),
+                     "kept_equal": same, "output_equal": equal, "packed_ms": times[0], "gathered_ms": times[1],
+                     "segmented_ms": times[2]}
+            failures += not (same and equal)
+            report["timing"].append(entry)
+            print(entry, flush=True)
+            del q, k, v, seg
+            torch.cuda.empty_cache()
+        save()
 
     if sparse_only:
         # the default model's shape (9 x 64, 3 KV heads): the autotuned launch vs 64-row programs

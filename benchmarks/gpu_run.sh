@@ -18,8 +18,15 @@
 #   summarize   benchmarks/summarize_gpu.py: 20 documents of 16K tokens, dense vs sparse
 #   pack        tar every result under $OUT into $OUT/results.tar.gz (one archive to copy back)
 # Environment: OUT (results), LENGTHS (default 8K..128K), BENCH_TEXT (a long book),
-# FLEX_LENGTHS (lengths at which FlexAttention is timed; default all).
+# FLEX_LENGTHS (lengths at which FlexAttention is timed; default all); for the eval stages
+# EVAL_RULES (default "product adaptive literal"), EVAL_ARGS (more options, e.g. "--alpha 0.98")
+# and EVAL_TAG (a suffix of the result files).
 set -uo pipefail
+EVAL_RULES="${EVAL_RULES:-product adaptive literal}"
+RULE_ARGS=""
+for r in $EVAL_RULES; do RULE_ARGS="$RULE_ARGS --rule $r"; done
+EVAL_ARGS="${EVAL_ARGS:-}"
+TAG="${EVAL_TAG:-}"
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the results directory}"
 LENGTHS="${LENGTHS:-8192,16384,32768,65536,131072}"
@@ -63,13 +70,14 @@ for stage in "$@"; do
         --densities-from "$OUT/attention_model.json" --out "$OUT/ttft_llama8b.json" ;;
     fidelity)
       run python3 -m sacli eval fidelity "$BENCH_TEXT" --lengths "${EVAL_LENGTHS:-16K,32K}" --rope-scale yarn \
-        --dense-below 0 --rule product --rule adaptive --rule literal --out "$OUT/eval/fidelity.json" ;;
+        --dense-below 0 $RULE_ARGS $EVAL_ARGS --out "$OUT/eval/fidelity$TAG.json" ;;
     ppl)
       run python3 -m sacli eval ppl "$BENCH_TEXT" --lengths "${PPL_LENGTHS:-8K,16K}" --rope-scale yarn \
-        --dense-below 0 --rule product --rule adaptive --rule literal --out "$OUT/eval/ppl.json" ;;
+        --dense-below 0 $RULE_ARGS $EVAL_ARGS --out "$OUT/eval/ppl$TAG.json" ;;
     niah)
       run python3 -m sacli eval niah "${NIAH_TEXT:-$BENCH_TEXT}" --lengths "${NIAH_LENGTHS:-4K,8K,16K}" \
-        --depths "${NIAH_DEPTHS:-0.1,0.3,0.5,0.7,0.9}" --rope-scale yarn --dense-below 0 --out "$OUT/eval/niah.json" ;;
+        --depths "${NIAH_DEPTHS:-0.1,0.3,0.5,0.7,0.9}" --rope-scale yarn --dense-below 0 ${NIAH_RULE:+--rule $NIAH_RULE} \
+        $EVAL_ARGS --out "$OUT/eval/niah$TAG.json" ;;
     summarize)
       # forced sparse (dense_below 0): at 16K the automatic routing would choose dense for this model
       run env SACLI_DENSE_BELOW=0 python3 benchmarks/summarize_gpu.py --out "$OUT/summarize_gpu.json" ;;

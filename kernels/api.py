@@ -21,7 +21,7 @@ import torch
 from . import backend as _backend
 from . import graphs as _graphs
 from .reference import check_qkv, dense_attention
-from .rules import select_adaptive
+from .rules import select_adaptive, select_segments
 from .selection import Selection, fraction_to_tokens, sample_rows
 
 
@@ -97,7 +97,9 @@ def sample_attention(
     rule: "sample", the paper's two-stage filtering with residual-aware column scores (stage 1 on
         the chosen backend); or "adaptive", kernels/rules.select_adaptive: per-head windows,
         value-weighted scores, held-out error checks and a dense fallback per head (more faithful,
-        denser; its stage 1 is PyTorch on every backend).
+        denser; its stage 1 is PyTorch on every backend); or "segments", kernels/rules.
+        select_segments: per-head windows and, per segment of 128 query rows, its own columns from
+        that segment's sampled rows (sparser at equal error on long inputs; stage 1 in PyTorch).
     graphs: replay the pipeline as a CUDA graph from the second call of a shape on (kernels/
         graphs.py; CUDA tensors only, ignored otherwise); None: on for the "sample" rule on the
         Triton backend, unless the environment sets SACLI_CUDA_GRAPHS=0.
@@ -116,11 +118,12 @@ def sample_attention(
     if S < dense_below:
         return dense_attention(q, k, v, scale), AttentionStats.dense(q, routed="dense_short")
 
-    if rule == "adaptive":
-        sel = select_adaptive(q, k, v, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
+    if rule in ("adaptive", "segments"):
+        select = select_adaptive if rule == "adaptive" else select_segments
+        sel = select(q, k, v, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
         out = _backend.sparse_attention(q, k, v, sel, scale, backend=backend)
         return out, AttentionStats(routed="sparse", density=sel.density().to(torch.float32), selection=sel)
-    assert rule == "sample", f"rule must be 'sample' or 'adaptive', got {rule!r}"
+    assert rule == "sample", f"rule must be 'sample', 'adaptive' or 'segments', got {rule!r}"
     name = _backend.choose_backend(backend, q, k, v)
 
     def pipeline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -22,6 +22,8 @@ most, so uneven heads cost more than their kept entries.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -127,10 +129,11 @@ def sparse_attention(
     """Stage 3: exact softmax attention over the entries kept by `sel`, skipping the rest.
 
     q: (B, Hq, S, D); k, v: (B, Hkv, S, D); same dtype, Hq % Hkv == 0.
-    sel: Selection for (B, Hq) and seq_len S (window (B, Hq) int32, cols (B, Hq, C) int32).
+    sel: Selection for (B, Hq) and seq_len S (window (B, Hq) int32, cols (B, Hq, C) int32, or
+         (B, Hq, NSEG, C) for a segmented selection).
     scale: softmax scale.
     Returns (B, Hq, S, D) in q's dtype. Row i of head h attends keys j <= i with
-    i - window < j (band) or j in the selected columns with j <= i - window.
+    i - window < j (band) or j in the selected columns (of i's segment) with j <= i - window.
 
     The query heads sharing a KV head are processed together in blocks of rows [m0, m1): only
     the band keys [m0 - w + 1, m1) and the selected columns below m1 - w are scored. Since cols
@@ -140,26 +143,21 @@ def sparse_attention(
     """
     B, Hq, Hkv, S, D = check_qkv(q, k, v)
     assert sel.seq_len == S, f"selection is for seq_len {sel.seq_len}, inputs have S={S}"
-    assert tuple(sel.window.shape) == (B, Hq), (
-        f"sel.window must be ({B}, {Hq}), got {tuple(sel.window.shape)}"
-    )
-    assert sel.cols.dim() == 3 and tuple(sel.cols.shape[:2]) == (B, Hq), (
-        f"sel.cols must be ({B}, {Hq}, C), got {tuple(sel.cols.shape)}"
-    )
-    assert tuple(sel.ncols.shape) == (B, Hq), f"sel.ncols must be ({B}, {Hq}), got {tuple(sel.ncols.shape)}"
+    sel.check_shapes(B, Hq)
     assert bool((sel.window >= 1).all()), "sel.window must be >= 1"
-    C = sel.cols.shape[-1]
-    valid = torch.arange(C, device=sel.cols.device) < sel.ncols[..., None]
+    seg_cols, seg_ncols = sel.per_segment()
+    C = seg_cols.shape[-1]
+    valid = torch.arange(C, device=seg_cols.device) < seg_ncols[..., None]
     if C > 1:
-        rising = sel.cols[..., 1:] > sel.cols[..., :-1]
+        rising = seg_cols[..., 1:] > seg_cols[..., :-1]
         assert bool((rising | ~valid[..., 1:]).all()), "sel.cols must be strictly ascending within ncols"
     # Padding S is never <= i - w, so padded entries mask themselves out below.
-    all_cols = torch.where(valid, sel.cols, S).to(device=q.device, dtype=torch.int64)
+    all_cols = torch.where(valid, seg_cols, S).to(device=q.device, dtype=torch.int64)  # (B, Hq, NSEG, C)
     G = Hq // Hkv
     dev = q.device
     out = torch.empty_like(q)
     windows = sel.window.cpu().tolist()
-    ncols = sel.ncols.cpu().tolist()
+    longest = seg_ncols.amax(-1).cpu().tolist()
     for b in range(B):
         for g in range(Hkv):
             kf = k[b, g].float()  # (S, D)
@@ -176,8 +174,8 @@ def sparse_attention(
             heads = [h for h in group if windows[b][h] < S]
             if heads:
                 hs = torch.tensor(heads, device=dev)
-                cols = all_cols[b, hs, : max(ncols[b][h] for h in heads)]
-                o = _sparse_group(q[b, hs], kf, vf, [windows[b][h] for h in heads], cols, scale)
+                cols = all_cols[b, hs, :, : max(longest[b][h] for h in heads)]
+                o = _sparse_group(q[b, hs], kf, vf, [windows[b][h] for h in heads], cols, scale, sel.segment_rows())
                 out[b, hs] = o.to(q.dtype)
     return out
 
@@ -189,24 +187,28 @@ def _sparse_group(
     windows: list[int],
     cols: torch.Tensor,
     scale: float,
+    segment: int,
 ) -> torch.Tensor:
     """Stage 3 for n query heads sharing one KV head; returns (n, S, D) float32.
 
     qh: (n, S, D) queries; kf, vf: (S, D) float32 keys and values.
     windows: n band widths, each < S.
-    cols: (n, c) int64 selected columns, ascending, padded with S.
+    cols: (n, NSEG, c) int64 selected columns per segment of `segment` query rows, ascending,
+          padded with S (NSEG = 1, segment >= S: one list per head).
 
-    Rows go in blocks of m. Block t scores the selected columns its rows may use (a prefix of
-    each head's sorted columns, padded to the longest over heads) and its band keys
-    [t*m - w_max + 1, t*m + m). Several consecutive blocks form one SDPA batch, as many as fit
-    the key budget, so the number of tensor ops stays small.
+    Rows go in blocks of m (dividing the segment). Block t scores the selected columns its rows
+    may use (a prefix of each head's sorted columns of its segment, padded to the longest over
+    heads) and its band keys [t*m - w_max + 1, t*m + m). Several consecutive blocks form one SDPA
+    batch, as many as fit the key budget, so the number of tensor ops stays small.
     """
     S, D = kf.shape
     dev = kf.device
     n = len(windows)
-    m = _STAGE3_BLOCK_M
+    nseg = cols.shape[1]
+    m = _STAGE3_BLOCK_M if nseg == 1 else math.gcd(_STAGE3_BLOCK_M, segment)
     nblk = -(-S // m)
     m0s = torch.arange(0, nblk * m, m, device=dev)  # (nblk,) first row of each block
+    seg_of = (m0s // segment).clamp(max=nseg - 1)  # (nblk,) each block's column list
     rows_in_block = torch.arange(m, device=dev)
     w = torch.tensor(windows, device=dev)  # (n,)
     w_max = max(windows)
@@ -216,13 +218,17 @@ def _sparse_group(
     pad = (0, 0, w_max - 1, nblk * m - S)
     k_band = F.pad(kf, pad).unfold(0, L, m).transpose(1, 2)  # (nblk, L, D) view
     v_band = F.pad(vf, pad).unfold(0, L, m).transpose(1, 2)
-    kc = kf[cols.clamp(max=S - 1)]  # (n, c, D)
-    vc = vf[cols.clamp(max=S - 1)]
+    block_cols = cols[:, seg_of].contiguous()  # (n, nblk, c)
     # Columns block t uses: cols < min(t*m + m, S) - w (the padding S is never counted); of
     # those, cols < t*m - w + 1 are seen by every row of the block and need no comparison.
     last = (m0s + m).clamp(max=S)
-    prefix = torch.searchsorted(cols, (last[None, :] - w[:, None]).contiguous()).amax(0).tolist()
-    settled = torch.searchsorted(cols, (m0s[None, :] - w[:, None] + 1).contiguous()).amin(0).tolist()
+    prefix = torch.searchsorted(block_cols, (last[None, :, None] - w[:, None, None]).contiguous())[..., 0]
+    settled = torch.searchsorted(block_cols, (m0s[None, :, None] - w[:, None, None] + 1).contiguous())[..., 0]
+    prefix = prefix.amax(0).tolist()
+    settled = settled.amin(0).tolist()
+    if nseg == 1:
+        kc = kf[cols[:, 0].clamp(max=S - 1)]  # (n, c, D)
+        vc = vf[cols[:, 0].clamp(max=S - 1)]
     # Band slot c of a block holds key m0 - w_max + 1 + c; row m0 + r sees it when
     # 0 <= r + w_max - 1 - c < w. The same for every block, up to keys before 0.
     offset = rows_in_block[:, None] + (w_max - 1) - torch.arange(L, device=dev)[None, :]  # (m, L)
@@ -233,24 +239,33 @@ def _sparse_group(
     t0 = 0
     while t0 < nblk:
         t1 = t0 + 1
+        P = prefix[t0]
         while (
             t1 < nblk
             and t1 - t0 < _STAGE3_MAX_BATCH
-            and (t1 + 1 - t0) * n * (prefix[t1] + L) * D <= _STAGE3_KEY_ELEMS
+            and (t1 + 1 - t0) * n * (max(P, prefix[t1]) + L) * D <= _STAGE3_KEY_ELEMS
         ):
+            P = max(P, prefix[t1])
             t1 += 1
-        T, P = t1 - t0, prefix[t1 - 1]
+        T = t1 - t0
         r0, r1 = t0 * m, min(t1 * m, S)
         qs = qh[:, r0:r1].float()  # (n, rows, D)
         if r1 - r0 < T * m:  # the last block is short: pad its rows, drop them below
             qs = F.pad(qs, (0, 0, 0, T * m - (r1 - r0)))
         qs = qs.reshape(n, T, m, D).transpose(0, 1)  # (T, n, m, D)
-        keys = torch.cat((kc[None, :, :P].expand(T, n, P, D), k_band[t0:t1, None].expand(T, n, L, D)), 2)
-        vals = torch.cat((vc[None, :, :P].expand(T, n, P, D), v_band[t0:t1, None].expand(T, n, L, D)), 2)
+        bc = block_cols[:, t0:t1, :P].transpose(0, 1)  # (T, n, P)
+        if nseg == 1:
+            ck = kc[None, :, :P].expand(T, n, P, D)
+            cv = vc[None, :, :P].expand(T, n, P, D)
+        else:
+            ck = kf[bc.clamp(max=S - 1)]
+            cv = vf[bc.clamp(max=S - 1)]
+        keys = torch.cat((ck, k_band[t0:t1, None].expand(T, n, L, D)), 2)
+        vals = torch.cat((cv, v_band[t0:t1, None].expand(T, n, L, D)), 2)
         i = m0s[t0:t1, None] + rows_in_block[None, :]  # (T, m) query rows
         col_visible = torch.ones(T, n, m, P, dtype=torch.bool, device=dev)
-        c0 = settled[t0]
-        col_visible[..., c0:] = cols[None, :, None, c0:P] <= (i[:, None, :, None] - w[None, :, None, None])
+        c0 = min(settled[t0:t1])
+        col_visible[..., c0:] = bc[:, :, None, c0:] <= (i[:, None, :, None] - w[None, :, None, None])
         real = slots[None, :] >= (w_max - 1) - m0s[t0:t1, None]  # (T, L): slot holds a key >= 0
         band_visible = band_base[None] & real[:, None, None, :]  # (T, n, m, L)
         # One fused SDPA call measured faster on CPU than separate matmul/mask/exp passes.

@@ -368,3 +368,235 @@ def select_literal(
         ncols=count.to(torch.int32),
         seq_len=S,
     )
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Tuning of `select_segments` (defaults chosen from the measured trade-off; docs/FIDELITY.md)."""
+
+    # query rows per column list: a multiple of the sparse kernel's 128-row programs
+    segment: int = 128
+    # weight of each neighbouring segment's sampled rows in a segment's column scores (0: none)
+    halo: float = 0.5
+    # candidate windows: powers of two from min_window_tokens up to window_up x the window knob
+    min_window_tokens: int = 16
+    window_up: int = 4
+    # keys always kept at the start of the sequence
+    sink_tokens: int = 4
+    # weigh attention by value norms (False: plain attention probabilities)
+    value_weighted: bool = True
+    # held-out output error a head's selection may show, as a multiple of 1 - alpha (8% at alpha
+    # 0.98), measured on rows half a stride away from the sampled ones; None skips the check
+    error_ratio: float | None = 4.0
+    # alphas tried per head while the check fails: 1 - (1 - alpha) / 2**i for i < alpha_levels
+    alpha_levels: int = 3
+    # heads whose selection keeps more than this share of the causal entries run dense
+    dense_above: float = 0.6
+
+
+DEFAULT_SEGMENTS = SegmentConfig()
+
+
+def segment_rows_sampled(sample_ratio: float, segment: int) -> int:
+    """Sampled rows per segment: sample_ratio x segment rounded up to a power of two (<= segment),
+    so the rows fall on an even stride."""
+    n = max(1, math.ceil(round(sample_ratio * segment, 6)))
+    p = 1 << (n - 1).bit_length()
+    while segment % p:
+        p //= 2
+    return max(1, min(p, segment))
+
+
+def segment_windows(window: float, seq_len: int, config: SegmentConfig) -> list[int]:
+    """Candidate windows in tokens, ascending: powers of two from min_window_tokens (or S) up to
+    window_up x ceil(window x S), capped at S."""
+    top = min(seq_len, config.window_up * fraction_to_tokens(window, seq_len))
+    w = min(config.min_window_tokens, seq_len)
+    out = [w]
+    while w * 2 <= top:
+        w *= 2
+        out.append(w)
+    return out
+
+
+def _smooth_segments(x: torch.Tensor, halo: float) -> torch.Tensor:
+    """x (N, ...) averaged with its neighbours along the first axis, weights halo : 1 : halo
+    (normalized by the weights present at the ends)."""
+    if halo <= 0 or x.shape[0] == 1:
+        return x
+    y = x.clone()
+    y[1:] += halo * x[:-1]
+    y[:-1] += halo * x[1:]
+    norm = torch.full((x.shape[0],), 1 + 2 * halo, dtype=x.dtype, device=x.device)
+    norm[0] -= halo
+    norm[-1] -= halo
+    return y / norm.view(-1, *([1] * (x.dim() - 1)))
+
+
+@dataclass
+class _SegmentCandidate:
+    """One window's ranked columns per segment (what any alpha needs to count them)."""
+
+    w: int
+    order: torch.Tensor  # (N, S) columns, best first (sinks, then score; unusable last)
+    mass: torch.Tensor  # (N, S) float64 running score mass in that order
+    use: torch.Tensor  # (N, S + 1) float64 running kept entries (leading 0)
+    band: torch.Tensor  # (N,) float64 sampled rows' mean mass inside the band
+    limit: torch.Tensor  # (N,) usable columns with a positive score (or a sink)
+    sinks: torch.Tensor  # (N,) usable sink columns
+
+
+def _segment_candidate(p: torch.Tensor, rows: torch.Tensor, w: int, n: int, halo: float, sinks: int) -> _SegmentCandidate:
+    """Rank each segment's columns for window w from p (N * rps, S), the sampled rows' attention."""
+    R, S = p.shape
+    N = -(-S // n)
+    dev = p.device
+    j = torch.arange(S, device=dev)
+    far = p * (j[None, :] <= (rows - w)[:, None])
+    score = _smooth_segments(far.view(N, R // N, S).mean(1), halo)  # (N, S)
+    band = _smooth_segments((1.0 - far.sum(-1)).view(N, R // N).mean(1), halo).double()
+    del far
+    s0 = torch.arange(N, device=dev)[:, None] * n
+    s1 = (s0 + n).clamp(max=S)
+    usable = j[None, :] <= s1 - 1 - w  # some row of the segment sees the key as a column
+    value = torch.where(usable, score.double(), -1.0)
+    value[:, :sinks] = torch.where(usable[:, :sinks], math.inf, -1.0)
+    order = torch.sort(value, dim=-1, descending=True, stable=True).indices
+    mass = torch.where(usable, score.double(), 0.0).gather(-1, order).cumsum(-1)
+    # kept entries of a taken column j: the segment's rows i >= j + w
+    use = (s1 - torch.maximum(order + w, s0)).clamp(min=0).double().cumsum(-1)
+    use = torch.cat((torch.zeros_like(use[:, :1]), use), dim=-1)
+    limit = (value > 0).sum(-1)
+    return _SegmentCandidate(w, order, mass, use, band, limit, usable[:, :sinks].sum(-1).minimum(limit))
+
+
+def _segment_count(c: _SegmentCandidate, alpha: float, S: int) -> tuple[float, torch.Tensor]:
+    """(kept entries of the head, (N,) columns per segment) reaching alpha with candidate c."""
+    need = (alpha - c.band)[:, None].contiguous()
+    count = torch.searchsorted(c.mass, need, side="left")[:, 0] + 1
+    count = torch.where(need[:, 0] <= 0, torch.zeros_like(count), count)
+    count = torch.maximum(count.minimum(c.limit), c.sinks)
+    w = c.w
+    cost = w * S - w * (w - 1) / 2 + float(c.use.gather(-1, count[:, None]).sum())
+    return cost, count
+
+
+def _segment_marks(c: _SegmentCandidate, count: torch.Tensor) -> torch.Tensor:
+    """(N, S) bool: each segment's first `count` ranked columns."""
+    S = c.order.shape[-1]
+    taken = torch.arange(S, device=count.device)[None, :] < count[:, None]
+    return torch.zeros_like(taken).scatter_(-1, c.order, taken)
+
+
+def _segment_error(pb: torch.Tensor, ob: torch.Tensor, rows: torch.Tensor, vf: torch.Tensor, w: int,
+                   marks: torch.Tensor, n: int) -> float:
+    """Relative output error of rows (plain attention pb (R, S), dense output ob) under a band of w
+    plus their segments' marked columns."""
+    j = torch.arange(pb.shape[-1], device=pb.device)
+    dist = rows[:, None] - j[None, :]
+    keep = pb * ((dist < w) | (marks[rows // n] & (dist >= w)))
+    out = (keep @ vf) / keep.sum(-1, keepdim=True).clamp_min(1e-30)
+    return float((out - ob).norm() / ob.norm().clamp_min(1e-30))
+
+
+def _probs_rows(qh: torch.Tensor, kf: torch.Tensor, rows: torch.Tensor, scale: float, vnorm: torch.Tensor | None) -> torch.Tensor:
+    """(R, S) float32 causal attention of rows (sorted) of one head, weighted by vnorm if given."""
+    S = kf.shape[0]
+    p = torch.zeros(rows.numel(), S, dtype=torch.float32, device=kf.device)
+    chunk = max(1, _CHUNK_ELEMS // S)
+    for c0 in range(0, rows.numel(), chunk):
+        r = rows[c0 : c0 + chunk]
+        pr = _weigh(_row_probs(qh[None], kf, r, scale), vnorm)[0]
+        p[c0 : c0 + r.numel(), : pr.shape[-1]] = pr
+    return p
+
+
+def select_segments(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    alpha: float,
+    window: float,
+    sample_ratio: float,
+    scale: float,
+    config: SegmentConfig = DEFAULT_SEGMENTS,
+) -> Selection:
+    """Per head a window, and per segment of `config.segment` query rows its own columns.
+
+    Each segment's sampled rows (sample_ratio of its rows, on an even stride ending at its last
+    row) give the segment its column scores: their value-weighted attention outside the band,
+    averaged with the neighbouring segments' at weight `halo` (a far key that one passage reads
+    is usually read by the next one too, and the sample of one segment is small). Per segment,
+    the fewest columns (sinks first) that bring the sampled rows' mean kept attention to alpha;
+    per head, the candidate window whose selection keeps the fewest entries.
+
+    The head's selection is then checked on held-out rows (half a stride from the sampled ones,
+    every other stride): if their output error exceeds error_ratio x (1 - alpha), the head
+    retries with a stricter alpha (1 - (1 - alpha) / 2, / 4, ...). A head failing at every
+    level, or keeping more than `dense_above` of the causal entries, is computed exactly
+    (window = S): typically heads whose queries each read their own far keys.
+
+    q: (B, Hq, S, D); k, v: (B, Hkv, S, D). Returns a segmented Selection (segment =
+    config.segment): window (B, Hq) int32, cols (B, Hq, NSEG, C) int32 ascending, padded with S.
+    """
+    assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape, (
+        f"q (B, Hq, S, D), k and v (B, Hkv, S, D) expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    )
+    B, Hq, S, _ = q.shape
+    Hkv = k.shape[1]
+    assert k.shape[0] == B and k.shape[2] == S and Hq % Hkv == 0, f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
+    assert 0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {alpha}"
+    assert config.segment >= 1, f"segment must be >= 1, got {config.segment}"
+    G = Hq // Hkv
+    dev = q.device
+    n = config.segment
+    N = -(-S // n)
+    rps = segment_rows_sampled(sample_ratio, n)
+    stride = n // rps
+    grid = torch.arange(N, device=dev)[:, None] * n + torch.arange(rps, device=dev)[None, :] * stride
+    rows = (grid + stride - 1).clamp(max=S - 1).reshape(-1)  # (N * rps,); a short last segment repeats S - 1
+    # held-out rows: half a stride before every other sampled row (distinct rows when stride >= 2)
+    held = (grid[:, ::2] + stride // 2 - 1).clamp(min=0).reshape(-1)
+    held = held[held < S]
+    check = config.error_ratio is not None and stride >= 2 and held.numel() > 0
+    wins = segment_windows(window, S, config)
+    sinks = min(config.sink_tokens, S)
+    causal = S * (S + 1) / 2
+    levels = [1.0 - (1.0 - alpha) / 2**i for i in range(max(1, config.alpha_levels))]
+
+    out_w = torch.full((B, Hq), S, dtype=torch.int64, device=dev)
+    out_cols: list[list[torch.Tensor]] = [[torch.empty(N, 0, dtype=torch.int64, device=dev)] * Hq for _ in range(B)]
+    for b in range(B):
+        for g in range(Hkv):
+            kf, vf = k[b, g].float(), v[b, g].float()
+            vnorm = vf.norm(dim=-1) if config.value_weighted else None
+            for h in range(g * G, (g + 1) * G):
+                p = _probs_rows(q[b, h], kf, rows, scale, vnorm)
+                cands = [_segment_candidate(p, rows, w, n, config.halo, sinks) for w in wins]
+                del p
+                if check:
+                    pb = _probs_rows(q[b, h], kf, held, scale, None)
+                    ob = pb @ vf
+                for a in levels:
+                    counted = [(*_segment_count(c, a, S), c) for c in cands]
+                    cost, count, c = min(counted, key=lambda t: t[0])
+                    if cost / causal > config.dense_above:
+                        break
+                    marks = _segment_marks(c, count)
+                    if check and _segment_error(pb, ob, held, vf, c.w, marks, n) > config.error_ratio * (1.0 - alpha):
+                        continue
+                    C = int(count.max())
+                    taken = c.order[:, :C]
+                    out_cols[b][h] = torch.where(torch.arange(C, device=dev)[None, :] < count[:, None], taken, S).sort(-1).values
+                    out_w[b, h] = c.w
+                    break
+    C = max(c.shape[-1] for per_b in out_cols for c in per_b)
+    cols = torch.full((B, Hq, N, C), S, dtype=torch.int64, device=dev)
+    for b in range(B):
+        for h in range(Hq):
+            c = out_cols[b][h]
+            cols[b, h, :, : c.shape[-1]] = c
+    ncols = (cols < S).sum(-1)
+    return Selection(window=out_w.clamp(max=S).to(torch.int32), cols=cols.to(torch.int32),
+                     ncols=ncols.to(torch.int32), seq_len=S, segment=n)

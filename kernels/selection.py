@@ -9,6 +9,11 @@ query row i attends to key j (j <= i) when
 The two parts are disjoint by construction, so no key is counted twice. A head with
 window >= S is dense (exact causal attention).
 
+A segmented selection (segment = n > 0) gives every segment of n query rows its own columns:
+row i uses cols[b, h, i // n, :ncols[b, h, i // n]]. Attention that varies along the sequence
+(a passage whose own far keys matter to it alone) then keeps far fewer entries than one column
+set per head must (docs/FIDELITY.md).
+
 Also here, because every backend shares them: `fraction_to_tokens`, `sample_rows` (which query
 rows stage 1 samples) and `select_columns` (stage 2, turning column scores into a Selection).
 """
@@ -30,22 +35,57 @@ class Selection:
             positions >= ncols are padding and hold S (out of range).
     ncols:  (B, Hq) int32, number of valid entries of cols.
     seq_len: S.
+    segment: 0 (one column list per head, as above) or n > 0: cols (B, Hq, NSEG, C) and ncols
+            (B, Hq, NSEG) with NSEG = ceil(S / n), one list per segment of n query rows.
     """
 
     window: torch.Tensor
     cols: torch.Tensor
     ncols: torch.Tensor
     seq_len: int
+    segment: int = 0
+
+    @property
+    def segments(self) -> int:
+        """Number of column lists per head (1 unless segmented)."""
+        return -(-self.seq_len // self.segment) if self.segment else 1
+
+    def segment_rows(self) -> int:
+        """Query rows per column list (S when there is one per head)."""
+        return self.segment or self.seq_len
+
+    def per_segment(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cols (B, Hq, NSEG, C), ncols (B, Hq, NSEG)): views with a segment axis (NSEG = 1 for a
+        selection with one list per head)."""
+        if self.segment:
+            return self.cols, self.ncols
+        return self.cols[:, :, None], self.ncols[:, :, None]
+
+    def check_shapes(self, B: int, H: int) -> None:
+        """Assert the tensors' shapes fit (B, H) query heads and this selection's layout."""
+        S = self.seq_len
+        assert tuple(self.window.shape) == (B, H), f"sel.window must be ({B}, {H}), got {tuple(self.window.shape)}"
+        lead = (B, H, self.segments) if self.segment else (B, H)
+        assert self.cols.dim() == len(lead) + 1 and tuple(self.cols.shape[:-1]) == lead, (
+            f"sel.cols must be ({', '.join(map(str, lead))}, C), got {tuple(self.cols.shape)}"
+        )
+        assert tuple(self.ncols.shape) == lead, f"sel.ncols must be {lead}, got {tuple(self.ncols.shape)}"
+        assert self.segment >= 0 and S >= 1, f"bad segment {self.segment} or seq_len {S}"
 
     def kept_entries(self) -> torch.Tensor:
         """(B, Hq) float64: number of causal entries each head computes."""
         S = self.seq_len
         w = self.window.to(torch.float64).clamp(max=S)
         band = w * S - w * (w - 1) / 2  # rows i < w see i+1 keys, rows i >= w see w keys
-        valid = torch.arange(self.cols.shape[-1], device=self.cols.device) < self.ncols[..., None]
-        # column j is used by rows i >= j + window: S - j - window rows
-        rows = (S - self.cols.to(torch.float64) - w[..., None]).clamp(min=0)
-        return band + (rows * valid).sum(-1)
+        cols, ncols = self.per_segment()
+        n = self.segment_rows()
+        valid = torch.arange(cols.shape[-1], device=cols.device) < ncols[..., None]
+        # column j of the segment of rows [s0, s1) is used by its rows i >= j + window
+        s0 = torch.arange(cols.shape[2], device=cols.device, dtype=torch.float64)[:, None] * n
+        s1 = (s0 + n).clamp(max=S)
+        first = torch.maximum(cols.to(torch.float64) + w[..., None, None], s0)
+        rows = (s1 - first).clamp(min=0)
+        return band + (rows * valid).sum((-1, -2))
 
     def density(self) -> torch.Tensor:
         """(B, Hq) float64: kept entries / causal entries S(S+1)/2."""
@@ -61,14 +101,14 @@ def selection_mask(sel: Selection) -> torch.Tensor:
     j = torch.arange(S, device=dev)[None, :]
     w = sel.window.to(torch.int64)[..., None, None]
     band = (j <= i) & (j > i - w)
-    B, H, C = sel.cols.shape
-    colmark = torch.zeros(B, H, S + 1, dtype=torch.bool, device=dev)
-    valid = torch.arange(C, device=dev) < sel.ncols[..., None]
-    idx = torch.where(valid, sel.cols.to(torch.int64), torch.full_like(sel.cols, S, dtype=torch.int64))
+    cols, ncols = sel.per_segment()
+    B, H, N, C = cols.shape
+    colmark = torch.zeros(B, H, N, S + 1, dtype=torch.bool, device=dev)
+    valid = torch.arange(C, device=dev) < ncols[..., None]
+    idx = torch.where(valid, cols.to(torch.int64), torch.full_like(cols, S, dtype=torch.int64))
     colmark.scatter_(-1, idx, True)
-    colmark = colmark[..., :S]
-    cols = colmark[..., None, :] & (j <= i - w)
-    return band | cols
+    rowmark = colmark[:, :, torch.arange(S, device=dev) // sel.segment_rows(), :S]  # (B, H, S, S)
+    return band | (rowmark & (j <= i - w))
 
 
 def fraction_to_tokens(fraction: float, seq_len: int) -> int:

@@ -135,7 +135,7 @@ def _sparse_attn_fwd(
     s_kb, s_kh, s_ks,
     s_vb, s_vh, s_vs,
     s_ob, s_oh, s_os,
-    s_cb, s_ch,
+    s_cb, s_ch, s_cs, SEG_ROWS,
     S_BUCKET,  # unused in the body: the autotuner's length key
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COUNT_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr,
@@ -174,7 +174,8 @@ def _sparse_attn_fwd(
     cnt_base = CNT + bh * N_CBLK * 2
     n_all = tl.load(cnt_base + (m0 // COUNT_BLOCK) * 2)
     n_any = tl.load(cnt_base + tl.minimum((m1 - 1) // COUNT_BLOCK, N_CBLK - 1) * 2 + 1)
-    c_base = COLS + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
+    # a segmented selection: the column list of the block's segment (s_cs = 0 with one per head)
+    c_base = COLS + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch + (m0 // SEG_ROWS).to(tl.int64) * s_cs
     n_all_tiles = (n_all // BLOCK_N) * BLOCK_N
     # The partial and masked column tiles [n_all_tiles, n_any) come first, then the whole tiles
     # before them (any order gives the same softmax). In the other order ptxas serialises every
@@ -319,22 +320,35 @@ def merged_edges(window: int | None, S: int) -> bool:
 
 
 def column_counts(sel: Selection, block_m: int) -> torch.Tensor:
-    """(B*Hq, n_mblk, 2) int32: per query block [m0, m1), selected columns <= m0 - w and <= m1 - 1 - w."""
+    """(B*Hq, n_mblk, 2) int32: per query block [m0, m1), selected columns (of the block's
+    segment, for a segmented selection) <= m0 - w and <= m1 - 1 - w. A segmented selection's
+    segment must be a multiple of block_m."""
     B, H = sel.window.shape
     S = sel.seq_len
-    C = sel.cols.shape[-1]
-    dev = sel.cols.device
+    cols, ncols = sel.per_segment()
+    N, C = cols.shape[2], cols.shape[3]
+    seg = sel.segment_rows()
+    dev = cols.device
     n_mblk = triton.cdiv(S, block_m)
     if C == 0:
         return torch.zeros(B * H, n_mblk, 2, dtype=torch.int32, device=dev)
+    assert sel.segment == 0 or sel.segment % block_m == 0, f"segment {sel.segment} is not a multiple of {block_m}"
     m0 = torch.arange(n_mblk, device=dev, dtype=torch.int64) * block_m
     m1 = (m0 + block_m).clamp(max=S)
     w = sel.window.reshape(B * H, 1).to(torch.int64)
-    thresholds = torch.stack((m0[None, :] - w + 1, m1[None, :] - w), dim=-1).reshape(B * H, 2 * n_mblk)
-    cols = sel.cols.reshape(B * H, C).to(torch.int64).contiguous()
-    counts = torch.searchsorted(cols, thresholds.contiguous(), side="left")
-    counts = torch.minimum(counts, sel.ncols.reshape(B * H, 1).to(torch.int64))
-    return counts.reshape(B * H, n_mblk, 2).to(torch.int32).contiguous()
+    thresholds = torch.stack((m0[None, :] - w + 1, m1[None, :] - w), dim=-1)  # (B*H, n_mblk, 2)
+    seg_of = (m0 // seg).clamp(max=N - 1)
+    if N == 1:
+        flat = cols.reshape(B * H, C).to(torch.int64).contiguous()
+        counts = torch.searchsorted(flat, thresholds.reshape(B * H, 2 * n_mblk).contiguous(), side="left")
+        counts = torch.minimum(counts, ncols.reshape(B * H, 1).to(torch.int64)).reshape(B * H, n_mblk, 2)
+    else:
+        # each block against its segment's list: one searchsorted row per (head, block)
+        flat = cols.reshape(B * H, N, C)[:, seg_of].to(torch.int64).reshape(B * H * n_mblk, C).contiguous()
+        counts = torch.searchsorted(flat, thresholds.reshape(B * H * n_mblk, 2).contiguous(), side="left")
+        limit = ncols.reshape(B * H, N)[:, seg_of].to(torch.int64).reshape(B * H * n_mblk, 1)
+        counts = torch.minimum(counts, limit).reshape(B * H, n_mblk, 2)
+    return counts.to(torch.int32).contiguous()
 
 
 def sparse_attention_triton(
@@ -384,18 +398,15 @@ def sparse_attention_triton(
     B, Hq, Hkv, S, D = check_qkv(q, k, v)
     assert scale > 0, f"scale must be > 0, got {scale}"
     assert sel.seq_len == S, f"selection is for seq_len {sel.seq_len}, inputs have S={S}"
-    assert tuple(sel.window.shape) == (B, Hq), f"sel.window must be ({B}, {Hq}), got {tuple(sel.window.shape)}"
-    assert sel.cols.dim() == 3 and tuple(sel.cols.shape[:2]) == (B, Hq), (
-        f"sel.cols must be ({B}, {Hq}, C), got {tuple(sel.cols.shape)}"
-    )
-    assert tuple(sel.ncols.shape) == (B, Hq), f"sel.ncols must be ({B}, {Hq}), got {tuple(sel.ncols.shape)}"
+    sel.check_shapes(B, Hq)
     assert sel.window.device == q.device and sel.cols.device == q.device, "selection must be on q's device"
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     window = sel.window.to(torch.int32).contiguous()
-    cols = sel.cols.to(torch.int32)
+    seg_cols, seg_ncols = sel.per_segment()
+    cols = seg_cols.to(torch.int32)
     if cols.shape[-1] == 0:  # keep a valid pointer for the (never executed) column loads
-        cols = torch.full((B, Hq, 1), S, dtype=torch.int32, device=q.device)
-    cols = cols.contiguous()
+        cols = torch.full((*cols.shape[:3], 1), S, dtype=torch.int32, device=q.device)
+    cols = cols.contiguous()  # (B, Hq, NSEG, C)
     if out is None:
         out = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
     assert tuple(out.shape) == (B, Hq, S, D) and out.dtype == q.dtype and out.stride(-1) == 1, (
@@ -409,7 +420,8 @@ def sparse_attention_triton(
     cb = count_block()
     n_cblk = triton.cdiv(S, cb)
     if counts is None:
-        counts = column_counts(Selection(window=window, cols=cols, ncols=sel.ncols.to(torch.int32), seq_len=S), cb)
+        counts = column_counts(Selection(window=window, cols=cols if sel.segment else cols[:, :, 0],
+                                         ncols=sel.ncols.to(torch.int32), seq_len=S, segment=sel.segment), cb)
     assert tuple(counts.shape) == (B * Hq, n_cblk, 2) and counts.dtype == torch.int32 and counts.is_contiguous(), (
         f"counts must be contiguous int32 ({B * Hq}, {n_cblk}, 2), got {tuple(counts.shape)} {counts.dtype}"
     )
@@ -420,12 +432,17 @@ def sparse_attention_triton(
         tiles = {**FIXED_CONFIG, **(config or {})}
     merged = bool((config or {}).get("MERGED_EDGES", merged_edges(window_hint, S)))
     assert tiles["BLOCK_M"] % cb == 0, f"BLOCK_M {tiles['BLOCK_M']} must be a multiple of {cb}"
+    assert sel.segment % tiles["BLOCK_M"] == 0, (
+        f"segment {sel.segment} must be a multiple of the kernel's {tiles['BLOCK_M']}-row blocks"
+    )
     if tma is None:
         tma = USE_TMA and not interp
     tma = use_descriptors(tma, S, q, k, v, out)
-    # (on the GPU only where the packed rows fill a tile: the regime checked there)
-    packed = tma and (USE_PACKED if packed is None else bool(packed)) and (interp or cols.shape[-1] >= TMA_MIN_ROWS)
-    kc, vc = _pack_columns(k, v, cols, sel.ncols, Hq) if packed else (None, None)
+    # (on the GPU only where the packed rows fill a tile: the regime checked there; never for a
+    # segmented selection, whose packed rows would take NSEG times the memory)
+    packed = (tma and not sel.segment and (USE_PACKED if packed is None else bool(packed))
+              and (interp or cols.shape[-1] >= TMA_MIN_ROWS))
+    kc, vc = _pack_columns(k, v, cols[:, :, 0], sel.ncols, Hq) if packed else (None, None)
     descs = tuple(
         TensorDescriptor.from_tensor(t, [1, 1, tiles[rows], D]) if tma and t is not None else None
         for t, rows in ((q, "BLOCK_M"), (k, "BLOCK_N"), (v, "BLOCK_N"), (out, "BLOCK_M"), (kc, "BLOCK_N"), (vc, "BLOCK_N"))
@@ -437,7 +454,7 @@ def sparse_attention_triton(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        cols.stride(0), cols.stride(1),
+        cols.stride(0), cols.stride(1), cols.stride(2) if sel.segment else 0, sel.segment or S,
     )
     if interp or config is not None:
         if interp:

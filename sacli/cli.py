@@ -186,7 +186,7 @@ def ask(
     ] = None,
     rule: Annotated[
         Optional[str],
-        typer.Option("--rule", help=f"SampleAttention selection: sample or adaptive (default: {_DEFAULTS.rule})"),
+        typer.Option("--rule", help=f"SampleAttention selection: sample, adaptive or segments (default: {_DEFAULTS.rule})"),
     ] = None,
     dense: Annotated[
         Optional[bool], typer.Option("--dense/--sparse", help="Dense attention in the prefill (for comparison)")

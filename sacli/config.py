@@ -21,6 +21,9 @@ from sacli.errors import UsageError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+# the selection rules sacli runs (kernels/api.sample_attention)
+RULES = ("sample", "adaptive", "segments")
+
 @dataclass(frozen=True)
 class Settings:
     # model: a name known to `sacli models` (pulled into the cache) or a local HF directory
@@ -43,8 +46,9 @@ class Settings:
     # prefill shorter than this many tokens uses dense attention (sparse does not pay off);
     # negative: automatic, the measured crossover for the device
     dense_below: int = -1
-    # selection rule: "sample" (the paper's, residual-aware) or "adaptive" (per-head windows and
-    # checks, dense fallback for unselectable heads: more faithful, denser)
+    # selection rule: "sample" (the paper's, residual-aware), "adaptive" (per-head windows and
+    # checks, dense fallback for unselectable heads: more faithful, denser) or "segments"
+    # (per-head windows, columns per segment of 128 query rows)
     rule: str = "sample"
     # always use dense attention (for comparison)
     dense: bool = False
@@ -139,8 +143,8 @@ def check(s: Settings) -> None:
         raise UsageError(f"sample_ratio must be in (0, 1], got {s.sample_ratio}")
     if s.max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {s.max_new_tokens}")
-    if s.rule not in {"sample", "adaptive"}:
-        raise UsageError(f"rule must be 'sample' or 'adaptive', got {s.rule!r}")
+    if s.rule not in RULES:
+        raise UsageError(f"rule must be one of {', '.join(RULES)}; got {s.rule!r}")
     if s.rope_scale not in {"none", "yarn"}:
         raise UsageError(f"rope_scale must be 'none' or 'yarn', got {s.rope_scale!r}")
     if s.dtype not in {"auto", "float32", "bfloat16", "float16"}:

@@ -22,11 +22,14 @@ class HeadSelection:
     """One head's kept entries in the Selection convention (see sacli.kernels.selection).
 
     window: band size in tokens (>= S means the head is dense).
-    cols: 1-D int64 tensor of selected key columns (any order; entries >= S are ignored).
+    cols: 1-D int64 tensor of selected key columns (any order; entries >= S are ignored), or for
+          a segmented selection (segment > 0) a 2-D (NSEG, C) tensor: row i uses cols[i // segment].
+    segment: 0, or the query rows per column list.
     """
 
     window: int
     cols: torch.Tensor
+    segment: int = 0
 
 
 @dataclass
@@ -78,11 +81,20 @@ def oracle_row_counts(probs: torch.Tensor, alpha: float, top: int = 1024) -> tor
 
 
 def _colmark(sel: HeadSelection, seq_len: int, device: torch.device) -> torch.Tensor:
-    """(S,) float32: 1 at the selected columns, 0 elsewhere."""
-    mark = torch.zeros(seq_len + 1, dtype=torch.float32, device=device)
-    cols = sel.cols.to(device=device, dtype=torch.int64).clamp(min=0, max=seq_len)
-    mark[cols] = 1.0
-    return mark[:seq_len]
+    """(NSEG, S) float32 (NSEG = 1 unless segmented): 1 at the selected columns, 0 elsewhere."""
+    cols = sel.cols if sel.segment else sel.cols[None]
+    cols = cols.to(device=device, dtype=torch.int64).clamp(min=0, max=seq_len)
+    mark = torch.zeros(cols.shape[0], seq_len + 1, dtype=torch.float32, device=device)
+    mark.scatter_(-1, cols, 1.0)
+    return mark[:, :seq_len]
+
+
+def _rows_mark(mark: torch.Tensor, sel: HeadSelection, row0: int, row1: int) -> torch.Tensor:
+    """(row1 - row0, S) or (1, S): the column marks rows row0..row1-1 use."""
+    if not sel.segment:
+        return mark
+    seg = torch.arange(row0, row1, device=mark.device) // sel.segment
+    return mark[seg.clamp(max=mark.shape[0] - 1)]
 
 
 def _band_restore(kept: torch.Tensor, probs: torch.Tensor, r0: int, window: int) -> None:
@@ -101,9 +113,9 @@ def selection_row_mask(sel: HeadSelection, row0: int, row1: int, seq_len: int, d
     causal = j <= i
     if sel.window >= seq_len:
         return causal.expand(row1 - row0, seq_len)
-    colmark = _colmark(sel, seq_len, device).bool()
+    colmark = _rows_mark(_colmark(sel, seq_len, device).bool(), sel, row0, row1)
     # a selected column inside the band is already kept, so band | column needs no disjointness fix
-    return causal & ((j > i - sel.window) | colmark[None, :])
+    return causal & ((j > i - sel.window) | colmark)
 
 
 def selection_kept_entries(sel: HeadSelection, seq_len: int) -> int:
@@ -113,6 +125,12 @@ def selection_kept_entries(sel: HeadSelection, seq_len: int) -> int:
     band = w * S - w * (w - 1) // 2
     if w >= S:
         return band
+    if sel.segment:
+        mark = _colmark(sel, S, torch.device("cpu")).bool()  # (NSEG, S)
+        s0 = torch.arange(mark.shape[0])[:, None] * sel.segment
+        s1 = (s0 + sel.segment).clamp(max=S)
+        rows = (s1 - torch.maximum(torch.arange(S)[None, :] + w, s0)).clamp(min=0)
+        return band + int((rows * mark).sum())
     cols = torch.unique(sel.cols.to(torch.int64))
     cols = cols[(cols >= 0) & (cols < S)]
     rows = (S - cols - w).clamp(min=0)
@@ -169,7 +187,7 @@ def head_fidelity(
             if mark is None:
                 masses[n][r0:r1] = 1.0
                 continue
-            kept = probs * mark[None, :r1]
+            kept = probs * _rows_mark(mark, sel, r0, r1)[:, :r1]
             _band_restore(kept, probs, r0, int(sel.window))
             m = kept.sum(-1)
             masses[n][r0:r1] = m

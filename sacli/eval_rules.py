@@ -10,7 +10,9 @@ A rule maps one layer's prefill (q, k, v, scale) and the SampleAttention knobs t
               mass the window leaves, fewest columns so the mean sampled kept mass reaches alpha
               (`sample_rows` + `column_scores` + `select_columns`);
 - "adaptive": `sacli.kernels.rules.select_adaptive` (window per head, ratio-ranked columns,
-              per-query alpha, sinks, dense fallback).
+              per-query alpha, sinks, dense fallback);
+- "segments": `sacli.kernels.rules.select_segments` (window per head, columns per segment of
+              128 query rows from that segment's sampled rows and its neighbours').
 
 `rule_attention(model, rule, settings)` makes a model's prefill use a rule through transformers'
 AttentionInterface (registered as "sacli_eval"), for end-to-end comparisons of rules that
@@ -27,7 +29,7 @@ import torch
 from sacli.config import Settings
 from sacli.errors import UsageError
 
-RULES = ("product", "literal", "residual", "adaptive")
+RULES = ("product", "literal", "residual", "adaptive", "segments")
 EVAL_ATTENTION = "sacli_eval"
 
 Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, Settings], "object"]
@@ -74,7 +76,15 @@ def _product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s:
     )
 
 
-_RULES: dict[str, Rule] = {"product": _product, "literal": _literal, "residual": _residual, "adaptive": _adaptive}
+def _segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s: Settings):
+    from sacli.kernels.rules import select_segments
+
+    return select_segments(q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale)
+
+
+_RULES: dict[str, Rule] = {
+    "product": _product, "literal": _literal, "residual": _residual, "adaptive": _adaptive, "segments": _segments,
+}
 
 
 def get_rule(name: str) -> Rule:

@@ -238,9 +238,13 @@ def measure_fidelity(
         for h in range(Hq):
             kv = h // (Hq // Hkv)
             heads = [
-                HeadSelection(int(sel.window[0, h]), sel.cols[0, h, : int(sel.ncols[0, h])].to(torch.int64))
+                HeadSelection(int(sel.window[0, h]), sel.cols[0, h].to(torch.int64), sel.segment)
+                if getattr(sel, "segment", 0)
+                else HeadSelection(int(sel.window[0, h]), sel.cols[0, h, : int(sel.ncols[0, h])].to(torch.int64))
                 for sel in sels.values()
             ]
+            # columns per list: per head, or the mean over the head's segments
+            ncols = [round(float(sel.ncols[0, h].float().mean())) for sel in sels.values()]
             fids, orc = head_fidelity(
                 q[0, h],
                 k[0, kv],
@@ -250,13 +254,13 @@ def measure_fidelity(
                 oracle_alphas=(alpha,) if oracle else (),
                 row_chunk=row_chunk,
             )
-            for (name, _), hs, f in zip(sels.items(), heads, fids):
+            for (name, _), hs, f, nc in zip(sels.items(), heads, fids, ncols):
                 results[name].heads.append(
                     HeadRecord(
                         layer=layer,
                         head=h,
                         window=hs.window,
-                        ncols=int(hs.cols.numel()),
+                        ncols=nc,
                         density=f.density,
                         oracle_density=orc.get(alpha),
                         mass_min=f.mass_min,

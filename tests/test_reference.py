@@ -23,7 +23,7 @@ from sacli.kernels import (
 )
 from sacli.kernels import reference
 
-from test_selection import random_selection
+from test_selection import random_segmented_selection, random_selection
 
 
 @pytest.fixture
@@ -105,6 +105,26 @@ def test_sparse_attention_matches_masked_dense(poison, S, B, Hkv, D, G, dtype) -
     else:
         # PyTorch's own bf16 computation of the same attention sets the bar.
         torch_err = (masked_attention(q, k, v, mask, scale, torch.bfloat16).float() - ref).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+
+
+@pytest.mark.parametrize("S,segment,G,dtype", [(97, 16, 3, torch.float32), (300, 128, 1, torch.float32),
+                                               (1025, 256, 4, torch.bfloat16), (50, 64, 2, torch.float32)])
+def test_segmented_sparse_attention_matches_masked_dense(poison, S, segment, G, dtype) -> None:
+    """Every segment of query rows attends to its own columns (plus the head's band)."""
+    B, Hkv, D = 2, 1, 64
+    Hq = Hkv * G
+    q, k, v = rand_qkv(B, Hq, Hkv, S, D, dtype, S + segment, spread=2.0)
+    sel = random_segmented_selection(B, Hq, S, segment, torch.Generator().manual_seed(S))
+    out = sparse_attention(q, k, v, sel, 0.125, backend="torch")
+    assert not out.isnan().any(), "every output element must be written"
+    mask = selection_mask(sel)
+    ref = masked_attention(q, k, v, mask, 0.125)
+    err = (out.float() - ref).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 2e-5, err
+    else:
+        torch_err = (masked_attention(q, k, v, mask, 0.125, torch.bfloat16).float() - ref).abs().max().item()
         assert err <= 2 * torch_err + 1e-6, (err, torch_err)
 
 
@@ -303,6 +323,26 @@ def test_sample_attention_adaptive_rule_matches_sparse_reference_on_its_selectio
     )
     sel = select_adaptive(q, k, v, alpha=0.9, window=0.1, sample_ratio=0.2, scale=0.125)
     assert stats.routed == "sparse"
+    assert torch.equal(stats.selection.window, sel.window) and torch.equal(stats.selection.cols, sel.cols)
+    torch.testing.assert_close(out, sparse_ref(q, k, v, sel, 0.125), rtol=1e-5, atol=1e-5)
+    assert 0.0 < stats.mean_density <= 1.0
+
+
+def test_sample_attention_segments_rule_matches_sparse_reference_on_its_selection() -> None:
+    """rule="segments" routes through rules.select_segments and then the same exact sparse stage."""
+    from sacli.kernels import sample_attention
+    from sacli.kernels.reference import sparse_attention as sparse_ref
+    from sacli.kernels.rules import select_segments
+
+    torch.manual_seed(8)
+    q = torch.randn(1, 6, 300, 64)
+    k = torch.randn(1, 2, 300, 64)
+    v = torch.randn(1, 2, 300, 64)
+    out, stats = sample_attention(
+        q, k, v, alpha=0.9, window=0.1, sample_ratio=0.1, scale=0.125, rule="segments", backend="torch"
+    )
+    sel = select_segments(q, k, v, alpha=0.9, window=0.1, sample_ratio=0.1, scale=0.125)
+    assert stats.routed == "sparse" and stats.selection.segment == sel.segment == 128
     assert torch.equal(stats.selection.window, sel.window) and torch.equal(stats.selection.cols, sel.cols)
     torch.testing.assert_close(out, sparse_ref(q, k, v, sel, 0.125), rtol=1e-5, atol=1e-5)
     assert 0.0 < stats.mean_density <= 1.0

@@ -10,10 +10,14 @@ import torch
 from sacli.kernels import column_scores, sample_rows, select_columns, selection_mask
 from sacli.kernels.rules import (
     RuleConfig,
+    SegmentConfig,
     candidate_windows,
     held_out_error,
+    segment_rows_sampled,
+    segment_windows,
     select_adaptive,
     select_literal,
+    select_segments,
     window_statistics,
 )
 from sacli.kernels.selection import Selection
@@ -185,3 +189,128 @@ def test_literal_rule() -> None:
     sel = select_literal(q, k, alpha=0.9, window=0.08, stride=20, scale=D**-0.5)
     _check_valid(sel, 1, 3, S)
     assert bool((sel.window == math.ceil(0.08 * S)).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# select_segments: columns per segment of query rows
+
+
+def _check_valid_segmented(sel: Selection, B: int, H: int, S: int, segment: int) -> None:
+    N = -(-S // segment)
+    assert sel.seq_len == S and sel.segment == segment and sel.segments == N
+    assert sel.window.shape == (B, H) and sel.window.dtype == torch.int32
+    assert sel.ncols.shape == (B, H, N) and sel.ncols.dtype == torch.int32
+    assert sel.cols.dim() == 4 and sel.cols.shape[:3] == (B, H, N) and sel.cols.dtype == torch.int32
+    assert bool((sel.window >= 1).all()) and bool((sel.window <= S).all())
+    C = sel.cols.shape[-1]
+    valid = torch.arange(C) < sel.ncols[..., None]
+    assert bool((sel.cols[~valid] == S).all()), "padding must hold S"
+    assert bool(((sel.cols >= 0) & (sel.cols < S))[valid].all())
+    if C > 1:
+        rising = sel.cols[..., 1:] > sel.cols[..., :-1]
+        assert bool((rising | ~valid[..., 1:]).all()), "cols must be strictly ascending"
+    mask = selection_mask(sel)
+    assert not bool((mask & ~torch.ones(S, S, dtype=torch.bool).tril()).any())
+    assert torch.allclose(mask.sum((-1, -2)).double() / (S * (S + 1) / 2), sel.density(), atol=1e-12)
+
+
+@pytest.mark.parametrize("S, D, Hq, Hkv, segment", [(97, 64, 3, 1, 32), (1025, 64, 6, 2, 128), (600, 128, 4, 1, 64),
+                                                     (40, 64, 2, 2, 64)])
+def test_segments_selection_is_valid(S: int, D: int, Hq: int, Hkv: int, segment: int) -> None:
+    q, k, v = _qkv(2 if S < 500 else 1, Hq, Hkv, S, D, seed=S)
+    B = q.shape[0]
+    cfg = SegmentConfig(segment=segment)
+    sel = select_segments(q, k, v, alpha=0.95, window=0.08, sample_ratio=0.1, scale=D**-0.5, config=cfg)
+    _check_valid_segmented(sel, B, Hq, S, segment)
+
+
+def test_segments_reach_alpha_on_sampled_rows() -> None:
+    """Without halo, value weights or sinks, every segment's sampled rows keep at least alpha of
+    their attention (band plus the segment's columns) on average, with the head's window."""
+    S, D, n, alpha = 512, 64, 64, 0.9
+    q, k, v = _qkv(1, 2, 1, S, D, seed=11)
+    cfg = SegmentConfig(segment=n, halo=0.0, sink_tokens=0, value_weighted=False, dense_above=1.0)
+    sel = select_segments(q, k, v, alpha=alpha, window=0.05, sample_ratio=0.125, scale=D**-0.5, config=cfg)
+    rps = segment_rows_sampled(0.125, n)
+    stride = n // rps
+    mask = selection_mask(sel)[0]
+    for h in range(2):
+        logits = (q[0, h] @ k[0, 0].T) * D**-0.5
+        p = torch.softmax(logits.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), -math.inf), -1)
+        for seg in range(S // n):
+            rows = seg * n + torch.arange(rps) * stride + stride - 1
+            kept = (p[rows] * mask[h, rows]).sum(-1).mean()
+            assert float(kept) >= alpha - 1e-6, (h, seg, float(kept))
+
+
+def test_segments_adapt_along_the_sequence() -> None:
+    """Two halves whose queries read different far keys get different columns: each segment
+    keeps its own key and not the other half's."""
+    S, D, n = 512, 64, 128
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 1, S, D, generator=g) * 0.1
+    v = torch.randn(1, 1, S, D, generator=g)
+    a, b = torch.zeros(D), torch.zeros(D)
+    a[0], b[1] = 1.0, 1.0
+    k[0, 0, 10] = a * 40
+    k[0, 0, 20] = b * 40
+    q = torch.randn(1, 1, S, D, generator=g) * 0.1
+    q[0, 0, : S // 2] += a * 4
+    q[0, 0, S // 2 :] += b * 4
+    cfg = SegmentConfig(segment=n, sink_tokens=0, halo=0.0, min_window_tokens=16, window_up=1)
+    sel = select_segments(q, k, v, alpha=0.9, window=0.03, sample_ratio=0.0625, scale=1.0, config=cfg)
+    cols = [set(sel.cols[0, 0, s, : int(sel.ncols[0, 0, s])].tolist()) for s in range(S // n)]
+    assert 10 in cols[0] and 10 in cols[1] and 20 not in cols[0] and 20 not in cols[1]
+    assert 20 in cols[2] and 20 in cols[3] and 10 not in cols[2] and 10 not in cols[3]
+
+
+def test_segments_dense_fallback_and_sinks() -> None:
+    S, D = 400, 64
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, S, D, generator=g) * 0.01
+    k = torch.randn(1, 1, S, D, generator=g)
+    v = torch.randn(1, 1, S, D, generator=g)
+    sel = select_segments(q, k, v, alpha=0.95, window=0.05, sample_ratio=0.1, scale=D**-0.5,
+                          config=SegmentConfig(segment=64))
+    assert bool((sel.window == S).all()) and bool((sel.ncols == 0).all())
+    assert torch.allclose(sel.density(), torch.ones(1, 2, dtype=torch.float64))
+
+    q, k, v = _qkv(1, 2, 1, S, D, seed=7)
+    sel = select_segments(q, k, v, alpha=0.5, window=0.05, sample_ratio=0.1, scale=D**-0.5,
+                          config=SegmentConfig(segment=64, sink_tokens=3, dense_above=1.0))
+    for h in range(2):
+        w = int(sel.window[0, h])
+        for s in range(sel.segments):
+            if min(S, (s + 1) * 64) - 1 - w >= 2:  # the segment's last row sees the sinks as columns
+                assert sel.cols[0, h, s, :3].tolist() == [0, 1, 2], (h, s)
+
+
+def test_segment_sampling_and_windows() -> None:
+    assert segment_rows_sampled(0.05, 128) == 8
+    assert segment_rows_sampled(0.125, 128) == 16
+    assert segment_rows_sampled(1.0, 128) == 128
+    assert segment_rows_sampled(0.05, 96) == 8
+    assert segment_rows_sampled(0.05, 40) == 2
+    cfg = SegmentConfig(min_window_tokens=16, window_up=4)
+    assert segment_windows(0.05, 8192, cfg) == [16, 32, 64, 128, 256, 512, 1024]
+    assert segment_windows(0.05, 100, cfg) == [16]
+    assert segment_windows(0.5, 10, cfg) == [10]
+
+
+def test_segments_held_out_check_runs_unselectable_heads_dense() -> None:
+    """A head whose every query reads its own far key (a copy head): the sampled rows' columns
+    miss the other rows' keys, the held-out rows show it, and the head runs dense; without the
+    check it keeps its few columns."""
+    S, D = 512, 64
+    g = torch.Generator().manual_seed(9)
+    k = torch.randn(1, 1, S, D, generator=g)
+    k = k / k.norm(dim=-1, keepdim=True)
+    v = torch.randn(1, 1, S, D, generator=g)
+    target = torch.randint(0, 32, (S,), generator=g) + (torch.arange(S) // 2).clamp(min=0)
+    target = torch.minimum(target, torch.arange(S))
+    q = k[0, 0, target][None, None] * 30.0
+    kw = dict(alpha=0.95, window=0.02, sample_ratio=0.0625, scale=1.0)
+    checked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0))
+    unchecked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0, error_ratio=None))
+    assert int(checked.window[0, 0]) == S and int(checked.ncols.sum()) == 0
+    assert int(unchecked.window[0, 0]) < S and float(unchecked.density()) < 0.5

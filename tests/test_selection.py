@@ -205,3 +205,61 @@ def test_selection_mask_matches_definition() -> None:
             for j in range(i + 1):
                 expected[i, j] = (j > i - w) or (j in cols and j <= i - w)
         assert torch.equal(mask[0, h], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmented selections: one column list per segment of query rows
+
+
+def random_segmented_selection(B: int, H: int, S: int, segment: int, gen: torch.Generator) -> Selection:
+    """Random valid segmented selection: every segment of every head its own columns (0 to S)."""
+    base = random_selection(B, H, S, gen)
+    N = -(-S // segment)
+    lists = []
+    for _ in range(B * H * N):
+        n = int(torch.randint(0, S + 1, (1,), generator=gen))
+        lists.append(torch.randperm(S, generator=gen)[:n].sort().values)
+    C = max(c.numel() for c in lists)
+    cols = torch.full((B * H * N, C), S, dtype=torch.int32)
+    for idx, c in enumerate(lists):
+        cols[idx, : c.numel()] = c.to(torch.int32)
+    ncols = torch.tensor([c.numel() for c in lists], dtype=torch.int32)
+    return Selection(window=base.window, cols=cols.view(B, H, N, C), ncols=ncols.view(B, H, N), seq_len=S,
+                     segment=segment)
+
+
+@pytest.mark.parametrize("seq_len,segment", [(97, 16), (130, 64), (64, 64), (5, 100)])
+def test_segmented_density_counts_equal_mask_counts(seq_len: int, segment: int) -> None:
+    gen = torch.Generator().manual_seed(seq_len + segment)
+    sel = random_segmented_selection(2, 3, seq_len, segment, gen)
+    counts = selection_mask(sel).sum((-1, -2))
+    assert torch.equal(sel.kept_entries().to(torch.int64), counts)
+    assert torch.equal(sel.kept_entries(), sel.kept_entries().round()), "counts are integers"
+
+
+def test_segmented_mask_matches_definition() -> None:
+    S, n = 61, 16
+    gen = torch.Generator().manual_seed(5)
+    sel = random_segmented_selection(1, 4, S, n, gen)
+    mask = selection_mask(sel)
+    for h in range(4):
+        w = int(sel.window[0, h])
+        expected = torch.zeros(S, S, dtype=torch.bool)
+        for i in range(S):
+            s = i // n
+            cols = set(sel.cols[0, h, s, : int(sel.ncols[0, h, s])].tolist())
+            for j in range(i + 1):
+                expected[i, j] = (j > i - w) or (j in cols and j <= i - w)
+        assert torch.equal(mask[0, h], expected)
+
+
+def test_one_segment_equals_per_head_selection() -> None:
+    """A segmented selection whose segment covers S keeps what the per-head one keeps."""
+    S = 70
+    sel = random_selection(2, 5, S, torch.Generator().manual_seed(1))
+    seg = Selection(window=sel.window, cols=sel.cols[:, :, None], ncols=sel.ncols[:, :, None], seq_len=S, segment=S)
+    assert seg.segments == 1
+    assert torch.equal(selection_mask(seg), selection_mask(sel))
+    assert torch.equal(seg.kept_entries(), sel.kept_entries())
+    cols, ncols = sel.per_segment()
+    assert cols.shape == (2, 5, 1, sel.cols.shape[-1]) and ncols.shape == (2, 5, 1)

@@ -103,6 +103,35 @@ def test_sparse_matches_reference(B, Hq, Hkv, S, D, dtype):
     _assert_within_torch_error(ref, q, k, v, selection_mask(sel), scale)
 
 
+def _random_segmented_selection(B: int, H: int, S: int, segment: int, seed: int) -> Selection:
+    """Random windows and, per segment of `segment` query rows, random ascending columns."""
+    base = _random_selection(B, H, S, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    N, C = -(-S // segment), max(1, S // 3)
+    cols = torch.full((B, H, N, C), S, dtype=torch.int32)
+    ncols = torch.randint(0, C + 1, (B, H, N), generator=g, dtype=torch.int32)
+    for idx in range(B * H * N):
+        n = int(ncols.view(-1)[idx])
+        cols.view(-1, C)[idx, :n] = torch.randperm(S, generator=g)[:n].sort().values.to(torch.int32)
+    return Selection(window=base.window, cols=cols.to(DEVICE), ncols=ncols.to(DEVICE), seq_len=S, segment=segment)
+
+
+@pytest.mark.parametrize("case,segment", [(SPARSE_CASES[0], 32), (SPARSE_CASES[1], 64), (SPARSE_CASES[3], 128)])
+@pytest.mark.parametrize("merged", [False, True], ids=["edges", "merged"])
+def test_sparse_segmented_selection_matches_reference(case, segment, merged):
+    """A segmented selection: every query block reads its own segment's column list (and never
+    the packed buffers); the same function as the reference's masked attention."""
+    B, Hq, Hkv, S, D, dtype = case
+    if not interpreting():
+        segment *= 4  # a multiple of the GPU's 128-row programs
+    q, k, v = _qkv(B, Hq, Hkv, S, D, dtype, seed=S + D + 5)
+    sel = _random_segmented_selection(B, Hq, S, segment, seed=S + 3)
+    scale = D**-0.5
+    out = sparse_attention_triton(q, k, v, sel, scale, out=_poisoned((B, Hq, S, D), dtype),
+                                  config={"MERGED_EDGES": merged})
+    _assert_within_torch_error(out, q, k, v, selection_mask(sel), scale)
+
+
 @pytest.mark.parametrize("case", [SPARSE_CASES[0], SPARSE_CASES[1], SPARSE_CASES[3]])
 def test_sparse_merged_edges_match_reference(case):
     """Both band edges' masked tiles in one loop after the unmasked tiles (the structure for
