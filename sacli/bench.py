@@ -577,7 +577,8 @@ def bench_ttft_default(
             f"(density {row['sparse']['density']:.3f})")
         results.append(row)
     shape = {"model": lm.name, "layers": len(layers), "text": text.name, "yarn": "stretched to each length",
-             "alpha": settings.alpha, "window": settings.window, "sample_ratio": settings.sample_ratio}
+             "rule": settings.rule, "alpha": settings.alpha, "window": settings.window,
+             "sample_ratio": settings.sample_ratio}
     return results, shape
 
 
