@@ -72,13 +72,13 @@ COMMON = ["--device", "cpu", "--dense-below", "0", "--window", "0.1", "--sample-
 def test_fidelity_writes_json_and_png(tiny_model: Path, env: Path, tmp_path: Path) -> None:
     out = tmp_path / "res" / "fid.json"
     args = ["fidelity", str(env), "--model", str(tiny_model), "--lengths", "300", "--out", str(out), "--json"]
-    args += ["--rule", "product", "--rule", "adaptive", "--rule", "literal", *COMMON]
+    args += ["--rule", "product", "--rule", "adaptive", "--rule", "literal", "--rule", "segments", *COMMON]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert json.loads(out.read_text()) == data
     assert {"device", "date", "command"} <= set(data)
-    assert [r["rule"] for r in data["runs"]] == ["product", "adaptive", "literal"]
+    assert [r["rule"] for r in data["runs"]] == ["product", "adaptive", "literal", "segments"]
     for run in data["runs"]:
         s = run["summary"]
         for key in ("density_mean", "oracle_density_mean", "mass_mean", "err_mean", "err_max"):

@@ -101,3 +101,31 @@ def test_next_token_comparison_identical_and_known() -> None:
     assert cmp.top1_agreement == 1.0
     flipped = next_token_comparison(p.log(), torch.tensor([[0.0, 1.0, 0.0, 0.0]]), torch.tensor([0]))
     assert flipped.top1_agreement == 0.0
+
+
+@pytest.mark.parametrize("S,segment", [(97, 16), (300, 128)])
+def test_head_fidelity_segmented_matches_selection_mask(S: int, segment: int) -> None:
+    """A segmented head (its columns per segment of rows, padded with S): masses, error and
+    density as the brute force over the Selection's own mask."""
+    from test_selection import random_segmented_selection
+
+    torch.manual_seed(S)
+    D = 64
+    q, k, v = torch.randn(S, D), torch.randn(S, D) * 2.0, torch.randn(S, D)
+    scale = D**-0.5
+    sel = random_segmented_selection(1, 3, S, segment, torch.Generator().manual_seed(S))
+    masks = selection_mask(sel)[0]
+    heads = [HeadSelection(int(sel.window[0, h]), sel.cols[0, h].to(torch.int64), segment) for h in range(3)]
+    fids, _ = head_fidelity(q, k, v, heads, scale=scale, row_chunk=40)
+    P = _dense_probs(q, k, scale)
+    dense = P @ v.double()
+    for h, (hs, fid) in enumerate(zip(heads, fids)):
+        M = masks[h]
+        assert torch.equal(selection_row_mask(hs, 0, S, S, torch.device("cpu")), M)
+        kept = P * M
+        mass = kept.sum(-1)
+        out = (kept @ v.double()) / mass[:, None]
+        assert torch.allclose(fid.mass.double(), mass, atol=1e-5)
+        assert fid.err == pytest.approx(float((out - dense).norm() / dense.norm()), abs=1e-5)
+        assert selection_kept_entries(hs, S) == int(M.sum()) == int(sel.kept_entries()[0, h])
+        assert fid.density == pytest.approx(float(M.sum()) / (S * (S + 1) / 2), abs=1e-12)
