@@ -421,95 +421,104 @@ def segment_windows(window: float, seq_len: int, config: SegmentConfig) -> list[
 
 
 def _smooth_segments(x: torch.Tensor, halo: float) -> torch.Tensor:
-    """x (N, ...) averaged with its neighbours along the first axis, weights halo : 1 : halo
-    (normalized by the weights present at the ends)."""
-    if halo <= 0 or x.shape[0] == 1:
+    """x (H, N, ...) averaged with its neighbours along the segment axis 1, weights halo : 1 :
+    halo (normalized by the weights present at the ends)."""
+    N = x.shape[1]
+    if halo <= 0 or N == 1:
         return x
     y = x.clone()
-    y[1:] += halo * x[:-1]
-    y[:-1] += halo * x[1:]
-    norm = torch.full((x.shape[0],), 1 + 2 * halo, dtype=x.dtype, device=x.device)
+    y[:, 1:] += halo * x[:, :-1]
+    y[:, :-1] += halo * x[:, 1:]
+    norm = torch.full((N,), 1 + 2 * halo, dtype=x.dtype, device=x.device)
     norm[0] -= halo
     norm[-1] -= halo
-    return y / norm.view(-1, *([1] * (x.dim() - 1)))
+    return y / norm.view(1, N, *([1] * (x.dim() - 2)))
 
 
 @dataclass
 class _SegmentCandidate:
-    """One window's ranked columns per segment (what any alpha needs to count them)."""
+    """One window's ranked columns per segment, for H heads at once (what any alpha needs)."""
 
     w: int
-    order: torch.Tensor  # (N, S) columns, best first (sinks, then score; unusable last)
-    mass: torch.Tensor  # (N, S) float64 running score mass in that order
-    use: torch.Tensor  # (N, S + 1) float64 running kept entries (leading 0)
-    band: torch.Tensor  # (N,) float64 sampled rows' mean mass inside the band
-    limit: torch.Tensor  # (N,) usable columns with a positive score (or a sink)
-    sinks: torch.Tensor  # (N,) usable sink columns
+    order: torch.Tensor  # (H, N, S) columns, best first (sinks, then score; unusable last)
+    mass: torch.Tensor  # (H, N, S) float64 running score mass in that order
+    use: torch.Tensor  # (H, N, S + 1) float64 running kept entries (leading 0)
+    band: torch.Tensor  # (H, N) float64 sampled rows' mean mass inside the band
+    limit: torch.Tensor  # (H, N) usable columns with a positive score (or a sink)
+    sinks: torch.Tensor  # (H, N) usable sink columns
 
 
 def _segment_candidate(p: torch.Tensor, rows: torch.Tensor, w: int, n: int, halo: float, sinks: int) -> _SegmentCandidate:
-    """Rank each segment's columns for window w from p (N * rps, S), the sampled rows' attention."""
-    R, S = p.shape
+    """Rank each segment's columns for window w from p (H, N * rps, S), the sampled rows' attention."""
+    H, R, S = p.shape
     N = -(-S // n)
     dev = p.device
     j = torch.arange(S, device=dev)
     far = p * (j[None, :] <= (rows - w)[:, None])
-    score = _smooth_segments(far.view(N, R // N, S).mean(1), halo)  # (N, S)
-    band = _smooth_segments((1.0 - far.sum(-1)).view(N, R // N).mean(1), halo).double()
+    score = _smooth_segments(far.view(H, N, R // N, S).mean(2), halo)  # (H, N, S)
+    band = _smooth_segments((1.0 - far.sum(-1)).view(H, N, R // N).mean(2), halo).double()
     del far
     s0 = torch.arange(N, device=dev)[:, None] * n
     s1 = (s0 + n).clamp(max=S)
-    usable = j[None, :] <= s1 - 1 - w  # some row of the segment sees the key as a column
+    usable = j[None, :] <= s1 - 1 - w  # (N, S): some row of the segment sees the key as a column
     value = torch.where(usable, score.double(), -1.0)
-    value[:, :sinks] = torch.where(usable[:, :sinks], math.inf, -1.0)
+    value[..., :sinks] = torch.where(usable[:, :sinks], math.inf, -1.0)
     order = torch.sort(value, dim=-1, descending=True, stable=True).indices
     mass = torch.where(usable, score.double(), 0.0).gather(-1, order).cumsum(-1)
     # kept entries of a taken column j: the segment's rows i >= j + w
     use = (s1 - torch.maximum(order + w, s0)).clamp(min=0).double().cumsum(-1)
-    use = torch.cat((torch.zeros_like(use[:, :1]), use), dim=-1)
+    use = torch.cat((torch.zeros_like(use[..., :1]), use), dim=-1)
     limit = (value > 0).sum(-1)
     return _SegmentCandidate(w, order, mass, use, band, limit, usable[:, :sinks].sum(-1).minimum(limit))
 
 
-def _segment_count(c: _SegmentCandidate, alpha: float, S: int) -> tuple[float, torch.Tensor]:
-    """(kept entries of the head, (N,) columns per segment) reaching alpha with candidate c."""
-    need = (alpha - c.band)[:, None].contiguous()
-    count = torch.searchsorted(c.mass, need, side="left")[:, 0] + 1
-    count = torch.where(need[:, 0] <= 0, torch.zeros_like(count), count)
+def _segment_count(c: _SegmentCandidate, alpha: float, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((H,) float64 kept entries per head, (H, N) columns per segment) reaching alpha with c."""
+    need = (alpha - c.band)[..., None].contiguous()
+    count = torch.searchsorted(c.mass, need, side="left")[..., 0] + 1
+    count = torch.where(need[..., 0] <= 0, torch.zeros_like(count), count)
     count = torch.maximum(count.minimum(c.limit), c.sinks)
     w = c.w
-    cost = w * S - w * (w - 1) / 2 + float(c.use.gather(-1, count[:, None]).sum())
+    cost = w * S - w * (w - 1) / 2 + c.use.gather(-1, count[..., None])[..., 0].sum(-1)
     return cost, count
 
 
-def _segment_marks(c: _SegmentCandidate, count: torch.Tensor) -> torch.Tensor:
-    """(N, S) bool: each segment's first `count` ranked columns."""
-    S = c.order.shape[-1]
-    taken = torch.arange(S, device=count.device)[None, :] < count[:, None]
-    return torch.zeros_like(taken).scatter_(-1, c.order, taken)
+def _segment_marks(order: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(H, N, S) bool: each segment's first `count` ranked columns."""
+    S = order.shape[-1]
+    taken = torch.arange(S, device=count.device) < count[..., None]
+    return torch.zeros_like(taken).scatter_(-1, order, taken)
 
 
-def _segment_error(pb: torch.Tensor, ob: torch.Tensor, rows: torch.Tensor, vf: torch.Tensor, w: int,
-                   marks: torch.Tensor, n: int) -> float:
-    """Relative output error of rows (plain attention pb (R, S), dense output ob) under a band of w
-    plus their segments' marked columns."""
+def _segment_error(pb: torch.Tensor, ob: torch.Tensor, rows: torch.Tensor, vf: torch.Tensor, w: torch.Tensor,
+                   marks: torch.Tensor, n: int) -> torch.Tensor:
+    """(H,) relative output error of rows (plain attention pb (H, R, S), dense output ob) under
+    bands of w (H,) plus their segments' marked columns (H, N, S)."""
     j = torch.arange(pb.shape[-1], device=pb.device)
-    dist = rows[:, None] - j[None, :]
-    keep = pb * ((dist < w) | (marks[rows // n] & (dist >= w)))
+    dist = (rows[:, None] - j[None, :])[None]  # (1, R, S)
+    near = dist < w[:, None, None]
+    keep = pb * (near | (marks[:, rows // n] & ~near))
     out = (keep @ vf) / keep.sum(-1, keepdim=True).clamp_min(1e-30)
-    return float((out - ob).norm() / ob.norm().clamp_min(1e-30))
+    return (out - ob).flatten(1).norm(dim=-1) / ob.flatten(1).norm(dim=-1).clamp_min(1e-30)
 
 
 def _probs_rows(qh: torch.Tensor, kf: torch.Tensor, rows: torch.Tensor, scale: float, vnorm: torch.Tensor | None) -> torch.Tensor:
-    """(R, S) float32 causal attention of rows (sorted) of one head, weighted by vnorm if given."""
+    """(H, R, S) float32 causal attention of rows (sorted) of H heads qh (H, S, D), weighted by
+    vnorm if given."""
     S = kf.shape[0]
-    p = torch.zeros(rows.numel(), S, dtype=torch.float32, device=kf.device)
-    chunk = max(1, _CHUNK_ELEMS // S)
+    H = qh.shape[0]
+    p = torch.zeros(H, rows.numel(), S, dtype=torch.float32, device=kf.device)
+    chunk = max(1, _CHUNK_ELEMS // (H * S))
     for c0 in range(0, rows.numel(), chunk):
         r = rows[c0 : c0 + chunk]
-        pr = _weigh(_row_probs(qh[None], kf, r, scale), vnorm)[0]
-        p[c0 : c0 + r.numel(), : pr.shape[-1]] = pr
+        pr = _weigh(_row_probs(qh, kf, r, scale), vnorm)
+        p[:, c0 : c0 + r.numel(), : pr.shape[-1]] = pr
     return p
+
+
+# Bytes of ranked candidates (24 per column, segment, window and head) one batch of heads may
+# hold in select_segments: heads of a KV group are ranked together up to this budget.
+_SEGMENT_BATCH_BYTES = 8 << 30
 
 
 def select_segments(
@@ -568,30 +577,47 @@ def select_segments(
 
     out_w = torch.full((B, Hq), S, dtype=torch.int64, device=dev)
     out_cols: list[list[torch.Tensor]] = [[torch.empty(N, 0, dtype=torch.int64, device=dev)] * Hq for _ in range(B)]
+    per_head = 24 * len(wins) * N * (S + 1) + 8 * rows.numel() * S
+    batch = max(1, min(G, _SEGMENT_BATCH_BYTES // per_head))
     for b in range(B):
         for g in range(Hkv):
             kf, vf = k[b, g].float(), v[b, g].float()
             vnorm = vf.norm(dim=-1) if config.value_weighted else None
-            for h in range(g * G, (g + 1) * G):
-                p = _probs_rows(q[b, h], kf, rows, scale, vnorm)
+            for h0 in range(g * G, (g + 1) * G, batch):
+                hs = list(range(h0, min(h0 + batch, (g + 1) * G)))
+                p = _probs_rows(q[b, hs], kf, rows, scale, vnorm)
                 cands = [_segment_candidate(p, rows, w, n, config.halo, sinks) for w in wins]
                 del p
                 if check:
-                    pb = _probs_rows(q[b, h], kf, held, scale, None)
+                    pb = _probs_rows(q[b, hs], kf, held, scale, None)
                     ob = pb @ vf
+                open_ = torch.ones(len(hs), dtype=torch.bool, device=dev)
                 for a in levels:
-                    counted = [(*_segment_count(c, a, S), c) for c in cands]
-                    cost, count, c = min(counted, key=lambda t: t[0])
-                    if cost / causal > config.dense_above:
+                    counted = [_segment_count(c, a, S) for c in cands]
+                    costs = torch.stack([cost for cost, _ in counted])  # (K, H)
+                    best = costs.argmin(0)  # first window of the least cost, per head
+                    cost = costs.gather(0, best[None])[0]
+                    open_ &= cost / causal <= config.dense_above  # denser at every stricter alpha: dense
+                    if not bool(open_.any()):
                         break
-                    marks = _segment_marks(c, count)
-                    if check and _segment_error(pb, ob, held, vf, c.w, marks, n) > config.error_ratio * (1.0 - alpha):
-                        continue
-                    C = int(count.max())
-                    taken = c.order[:, :C]
-                    out_cols[b][h] = torch.where(torch.arange(C, device=dev)[None, :] < count[:, None], taken, S).sort(-1).values
-                    out_w[b, h] = c.w
-                    break
+                    count = torch.stack([cnt for _, cnt in counted]).gather(
+                        0, best[None, :, None].expand(1, *counted[0][1].shape))[0]  # (H, N)
+                    wsel = torch.tensor(wins, device=dev)[best]
+                    order = torch.stack([c.order for c in cands]).gather(
+                        0, best[None, :, None, None].expand(1, *cands[0].order.shape))[0]
+                    ok = open_.clone()
+                    if check:
+                        err = _segment_error(pb, ob, held, vf, wsel, _segment_marks(order, count), n)
+                        ok &= err <= config.error_ratio * (1.0 - alpha)
+                    for i in ok.nonzero()[:, 0].tolist():
+                        C = int(count[i].max())
+                        taken = order[i, :, :C]
+                        out_cols[b][hs[i]] = torch.where(torch.arange(C, device=dev)[None, :] < count[i, :, None],
+                                                         taken, S).sort(-1).values
+                        out_w[b, hs[i]] = int(wsel[i])
+                    open_ &= ~ok
+                    if not bool(open_.any()):
+                        break
     C = max(c.shape[-1] for per_b in out_cols for c in per_b)
     cols = torch.full((B, Hq, N, C), S, dtype=torch.int64, device=dev)
     for b in range(B):
