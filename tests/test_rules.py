@@ -311,6 +311,6 @@ def test_segments_held_out_check_runs_unselectable_heads_dense() -> None:
     q = k[0, 0, target][None, None] * 30.0
     kw = dict(alpha=0.95, window=0.02, sample_ratio=0.0625, scale=1.0)
     checked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0))
-    unchecked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0, error_ratio=None))
+    unchecked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0, max_error=None))
     assert int(checked.window[0, 0]) == S and int(checked.ncols.sum()) == 0
     assert int(unchecked.window[0, 0]) < S and float(unchecked.density()) < 0.5
