@@ -10,7 +10,8 @@ softmax (FlashAttention style: fp32 max/sum/accumulator, bf16/fp16 matrix produc
     that cross one of its two edges.
 
 Every kept key is visited exactly once and no unkept key is read: the two parts are disjoint
-by the Selection's definition. GQA reads K/V of head h // (Hq // Hkv) directly. Programs run
+by the Selection's definition. A segmented selection (a column list per segment of query rows, a
+multiple of BLOCK_M) gives each program its segment's list; such lists are gathered, not packed. GQA reads K/V of head h // (Hq // Hkv) directly. Programs run
 heaviest first (last query blocks first) so the tail of the grid is short.
 
 On Hopper-class GPUs, for 16-bit dtypes with 16-byte aligned strides and S >= 128, Q, the
