@@ -246,6 +246,19 @@ def held_out_error(
     return err2, out2
 
 
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float) -> tuple[int, int, int]:
+    """Assert a rule's inputs (q (B, Hq, S, D), k and v (B, Hkv, S, D), alpha in [0, 1]); (B, Hq, S)."""
+    assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape, (
+        f"q (B, Hq, S, D), k and v (B, Hkv, S, D) expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    )
+    B, Hq, S, _ = q.shape
+    assert k.shape[0] == B and k.shape[2] == S and Hq % k.shape[1] == 0, (
+        f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
+    )
+    assert 0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {alpha}"
+    return B, Hq, S
+
+
 def select_adaptive(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -264,14 +277,7 @@ def select_adaptive(
     Returns a Selection (window (B, Hq) int32 per head, cols ascending padded with S); heads
     computed exactly have window = S and no columns.
     """
-    assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape, (
-        f"q (B, Hq, S, D), k and v (B, Hkv, S, D) expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-    )
-    B, Hq, S, _ = q.shape
-    assert k.shape[0] == B and k.shape[2] == S and Hq % k.shape[1] == 0, (
-        f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
-    )
-    assert 0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {alpha}"
+    B, Hq, S = _check_inputs(q, k, v, alpha)
     dev = q.device
     rows = sample_rows(S, sample_ratio, config.block, device=dev)
     R = rows.numel()
@@ -551,13 +557,8 @@ def select_segments(
     q: (B, Hq, S, D); k, v: (B, Hkv, S, D). Returns a segmented Selection (segment =
     config.segment): window (B, Hq) int32, cols (B, Hq, NSEG, C) int32 ascending, padded with S.
     """
-    assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape, (
-        f"q (B, Hq, S, D), k and v (B, Hkv, S, D) expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-    )
-    B, Hq, S, _ = q.shape
+    B, Hq, S = _check_inputs(q, k, v, alpha)
     Hkv = k.shape[1]
-    assert k.shape[0] == B and k.shape[2] == S and Hq % Hkv == 0, f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
-    assert 0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {alpha}"
     assert config.segment >= 1, f"segment must be >= 1, got {config.segment}"
     G = Hq // Hkv
     dev = q.device

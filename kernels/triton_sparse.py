@@ -421,8 +421,7 @@ def sparse_attention_triton(
     cb = count_block()
     n_cblk = triton.cdiv(S, cb)
     if counts is None:
-        counts = column_counts(Selection(window=window, cols=cols if sel.segment else cols[:, :, 0],
-                                         ncols=sel.ncols.to(torch.int32), seq_len=S, segment=sel.segment), cb)
+        counts = column_counts(sel, cb)
     assert tuple(counts.shape) == (B * Hq, n_cblk, 2) and counts.dtype == torch.int32 and counts.is_contiguous(), (
         f"counts must be contiguous int32 ({B * Hq}, {n_cblk}, 2), got {tuple(counts.shape)} {counts.dtype}"
     )

@@ -239,7 +239,7 @@ def measure_fidelity(
             kv = h // (Hq // Hkv)
             heads = [
                 HeadSelection(int(sel.window[0, h]), sel.cols[0, h].to(torch.int64), sel.segment)
-                if getattr(sel, "segment", 0)
+                if sel.segment
                 else HeadSelection(int(sel.window[0, h]), sel.cols[0, h, : int(sel.ncols[0, h])].to(torch.int64))
                 for sel in sels.values()
             ]

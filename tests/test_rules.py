@@ -41,11 +41,13 @@ def _qkv(B: int, Hq: int, Hkv: int, S: int, D: int, seed: int) -> tuple[torch.Te
     return q, k, v
 
 
-def _check_valid(sel: Selection, B: int, H: int, S: int) -> None:
-    assert sel.seq_len == S
+def _check_valid(sel: Selection, B: int, H: int, S: int, segment: int = 0) -> None:
+    """A valid Selection for (B, H) heads and length S; segment > 0: one list per segment."""
+    lead = (B, H, -(-S // segment)) if segment else (B, H)
+    assert sel.seq_len == S and sel.segment == segment and sel.segments == (lead[2] if segment else 1)
     assert sel.window.shape == (B, H) and sel.window.dtype == torch.int32
-    assert sel.ncols.shape == (B, H) and sel.ncols.dtype == torch.int32
-    assert sel.cols.dim() == 3 and sel.cols.shape[:2] == (B, H) and sel.cols.dtype == torch.int32
+    assert sel.ncols.shape == lead and sel.ncols.dtype == torch.int32
+    assert sel.cols.dim() == len(lead) + 1 and sel.cols.shape[:-1] == lead and sel.cols.dtype == torch.int32
     assert bool((sel.window >= 1).all()) and bool((sel.window <= S).all())
     C = sel.cols.shape[-1]
     assert bool((sel.ncols >= 0).all()) and bool((sel.ncols <= C).all())
@@ -195,25 +197,6 @@ def test_literal_rule() -> None:
 # select_segments: columns per segment of query rows
 
 
-def _check_valid_segmented(sel: Selection, B: int, H: int, S: int, segment: int) -> None:
-    N = -(-S // segment)
-    assert sel.seq_len == S and sel.segment == segment and sel.segments == N
-    assert sel.window.shape == (B, H) and sel.window.dtype == torch.int32
-    assert sel.ncols.shape == (B, H, N) and sel.ncols.dtype == torch.int32
-    assert sel.cols.dim() == 4 and sel.cols.shape[:3] == (B, H, N) and sel.cols.dtype == torch.int32
-    assert bool((sel.window >= 1).all()) and bool((sel.window <= S).all())
-    C = sel.cols.shape[-1]
-    valid = torch.arange(C) < sel.ncols[..., None]
-    assert bool((sel.cols[~valid] == S).all()), "padding must hold S"
-    assert bool(((sel.cols >= 0) & (sel.cols < S))[valid].all())
-    if C > 1:
-        rising = sel.cols[..., 1:] > sel.cols[..., :-1]
-        assert bool((rising | ~valid[..., 1:]).all()), "cols must be strictly ascending"
-    mask = selection_mask(sel)
-    assert not bool((mask & ~torch.ones(S, S, dtype=torch.bool).tril()).any())
-    assert torch.allclose(mask.sum((-1, -2)).double() / (S * (S + 1) / 2), sel.density(), atol=1e-12)
-
-
 @pytest.mark.parametrize("S, D, Hq, Hkv, segment", [(97, 64, 3, 1, 32), (1025, 64, 6, 2, 128), (600, 128, 4, 1, 64),
                                                      (40, 64, 2, 2, 64)])
 def test_segments_selection_is_valid(S: int, D: int, Hq: int, Hkv: int, segment: int) -> None:
@@ -221,7 +204,7 @@ def test_segments_selection_is_valid(S: int, D: int, Hq: int, Hkv: int, segment:
     B = q.shape[0]
     cfg = SegmentConfig(segment=segment)
     sel = select_segments(q, k, v, alpha=0.95, window=0.08, sample_ratio=0.1, scale=D**-0.5, config=cfg)
-    _check_valid_segmented(sel, B, Hq, S, segment)
+    _check_valid(sel, B, Hq, S, segment)
 
 
 def test_segments_reach_alpha_on_sampled_rows() -> None:
