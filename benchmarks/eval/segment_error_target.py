@@ -4,9 +4,10 @@ together, every head and layer at 8K, CPU.
     SACLI_HOME=... python benchmarks/eval/segment_error_target.py 8192 all a0.98_e0.08_l5 a0.9_e0.04_l7 ...
 
 A config name a<alpha>_e<max_error>_l<alpha_levels>[_s<sample_ratio>][_h<halo>][_n<segment>][_local]
-runs `select_segments` with that alpha (where every head starts), SegmentConfig(max_error,
-alpha_levels, halo (default 0.5), segment (default 128), local (levels per segment)), window 0.05
-and that sample ratio (default 0.05);
+[_res|_novw] runs `select_segments` with that alpha (where every head starts),
+SegmentConfig(max_error, alpha_levels, halo (default 0.5), segment (default 128), local (levels
+per segment), residual_values / value_weighted=False), window 0.05 and that sample ratio
+(default 0.05);
 measured by sacli.evaluate.measure_fidelity over every row. Output: segment_error_target_8k_cpu.txt.
 
     DEVICE=cuda TEXT=book.txt OUT=results.json python benchmarks/eval/segment_error_target.py 32768 all CONFIG...
@@ -42,13 +43,16 @@ lm = cache.get(S)
 
 
 def selector(name: str):
-    m = re.fullmatch(r"a([0-9.]+)_e([0-9.]+)_l([0-9]+)(?:_s([0-9.]+))?(?:_h([0-9.]+))?(?:_n([0-9]+))?(_local)?", name)
-    assert m, f"config name a<alpha>_e<max_error>_l<levels>[_s<sample_ratio>][_h<halo>][_n<segment>][_local] expected, got {name}"
+    m = re.fullmatch(r"a([0-9.]+)_e([0-9.]+)_l([0-9]+)(?:_s([0-9.]+))?(?:_h([0-9.]+))?(?:_n([0-9]+))?(_local)?(_res|_novw)?", name)
+    assert m, f"config name a<alpha>_e<max_error>_l<levels>[_s<sample_ratio>][_h<halo>][_n<segment>][_local][_res|_novw] expected, got {name}"
     alpha, err, levels = float(m[1]), float(m[2]), int(m[3])
     sr = float(m[4]) if m[4] else 0.05
     cfg = SegmentConfig(max_error=err, alpha_levels=levels, halo=float(m[5]) if m[5] else 0.5,
                         segment=int(m[6]) if m[6] else 128,
-                        **({"local": True} if m[7] else {}))  # _local: with v11_segments_local_levels.patch
+                        **({"local": True} if m[7] else {}),
+                        # _res: with v11_segments_residual_values.patch
+                        **({"residual_values": True} if m[8] == "_res" else {}),
+                        **({"value_weighted": False} if m[8] == "_novw" else {}))  # _local: with v11_segments_local_levels.patch
     return lambda q, k, v, scale: select_segments(q, k, v, alpha=alpha, window=0.05, sample_ratio=sr, scale=scale, config=cfg)
 
 
