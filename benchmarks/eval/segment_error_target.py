@@ -3,12 +3,9 @@ together, every head and layer at 8K, CPU.
 
     SACLI_HOME=... python benchmarks/eval/segment_error_target.py 8192 all a0.98_e0.08_l5 a0.9_e0.04_l7 ...
 
-A config name a<alpha>_e<max_error>_l<alpha_levels>[_s<sample_ratio>][_h<halo>][_n<segment>][_local]
-[_res|_novw] runs `select_segments` with that alpha (where every head starts),
-SegmentConfig(max_error, alpha_levels, halo (default 0.5), segment (default 128), local (levels
-per segment), residual_values / value_weighted=False), window 0.05 and that sample ratio
-(default 0.05);
-measured by sacli.evaluate.measure_fidelity over every row. Output: segment_error_target_8k_cpu.txt.
+A config name such as a0.9_e0.04_l7_s0.1 runs `select_segments` with that alpha (where every
+head starts), SegmentConfig fields from its other tokens (listed at `_NUMBERS` and `_FLAGS`;
+unnamed fields keep their defaults), window 0.05 and sample ratio 0.05 unless named; measured by sacli.evaluate.measure_fidelity over every row. Output: segment_error_target_8k_cpu.txt.
 
     DEVICE=cuda TEXT=book.txt OUT=results.json python benchmarks/eval/segment_error_target.py 32768 all CONFIG...
 
@@ -18,17 +15,16 @@ head, window, density, error) and the run's device, versions, date and command a
 
 import json
 import os
-import re
 import statistics as st
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from sacli.kernels.rules import SegmentConfig, select_segments
 
 import sacli.evaluate as ev
 from sacli.config import load_settings
+from sacli.kernels.rules import SegmentConfig, select_segments
 
 torch.set_grad_enabled(False)
 S = int(sys.argv[1])
@@ -42,18 +38,29 @@ ids = ev.text_tokens(cache.tokenizer, ev.read_text(text), S, source=str(text))
 lm = cache.get(S)
 
 
+# config name tokens: a<alpha>, e<max_error>, l<alpha_levels>, s<sample_ratio>, h<halo>, n<segment>,
+# and the flags novw (value_weighted=False), local and res (these two need
+# benchmarks/experiments/v11_segments_local_levels.patch / v11_segments_residual_values.patch)
+_NUMBERS = {"a": ("alpha", float), "e": ("max_error", float), "l": ("alpha_levels", int), "s": ("sample_ratio", float),
+            "h": ("halo", float), "n": ("segment", int)}
+_FLAGS = {"novw": ("value_weighted", False), "local": ("local", True), "res": ("residual_values", True)}
+
+
 def selector(name: str):
-    m = re.fullmatch(r"a([0-9.]+)_e([0-9.]+)_l([0-9]+)(?:_s([0-9.]+))?(?:_h([0-9.]+))?(?:_n([0-9]+))?(_local)?(_res|_novw)?", name)
-    assert m, f"config name a<alpha>_e<max_error>_l<levels>[_s<sample_ratio>][_h<halo>][_n<segment>][_local][_res|_novw] expected, got {name}"
-    alpha, err, levels = float(m[1]), float(m[2]), int(m[3])
-    sr = float(m[4]) if m[4] else 0.05
-    cfg = SegmentConfig(max_error=err, alpha_levels=levels, halo=float(m[5]) if m[5] else 0.5,
-                        segment=int(m[6]) if m[6] else 128,
-                        **({"local": True} if m[7] else {}),
-                        # _res: with v11_segments_residual_values.patch
-                        **({"residual_values": True} if m[8] == "_res" else {}),
-                        **({"value_weighted": False} if m[8] == "_novw" else {}))  # _local: with v11_segments_local_levels.patch
-    return lambda q, k, v, scale: select_segments(q, k, v, alpha=alpha, window=0.05, sample_ratio=sr, scale=scale, config=cfg)
+    knobs = {"sample_ratio": 0.05}
+    fields = {}
+    for tok in name.split("_"):
+        if tok in _FLAGS:
+            fields[_FLAGS[tok][0]] = _FLAGS[tok][1]
+        elif tok[:1] in _NUMBERS:
+            key, kind = _NUMBERS[tok[0]]
+            (knobs if key in ("alpha", "sample_ratio") else fields)[key] = kind(tok[1:])
+        else:
+            raise SystemExit(f"unknown token {tok!r} in config name {name!r}")
+    assert "alpha" in knobs, f"config name {name!r} has no a<alpha>"
+    cfg = SegmentConfig(**fields)
+    return lambda q, k, v, scale: select_segments(q, k, v, alpha=knobs["alpha"], window=0.05,
+                                                  sample_ratio=knobs["sample_ratio"], scale=scale, config=cfg)
 
 
 res = ev.measure_fidelity(lm.model, ids, {n: selector(n) for n in names}, 0.95, layers=layers, oracle=False)
