@@ -449,33 +449,69 @@ class _SegmentCandidate:
     w: int
     order: torch.Tensor  # (H, N, S) columns, best first (sinks, then score; unusable last)
     mass: torch.Tensor  # (H, N, S) float64 running score mass in that order
-    use: torch.Tensor  # (H, N, S + 1) float64 running kept entries (leading 0)
+    use: torch.Tensor  # (H, N, S + 1) int32 running kept entries (leading 0)
     band: torch.Tensor  # (H, N) float64 sampled rows' mean mass inside the band
     limit: torch.Tensor  # (H, N) usable columns with a positive score (or a sink)
     sinks: torch.Tensor  # (H, N) usable sink columns
 
 
-def _segment_candidate(p: torch.Tensor, rows: torch.Tensor, w: int, n: int, halo: float, sinks: int) -> _SegmentCandidate:
-    """Rank each segment's columns for window w from p (H, N * rps, S), the sampled rows' attention."""
-    H, R, S = p.shape
-    N = -(-S // n)
-    dev = p.device
+class _SegmentScores:
+    """The sampled rows' attention p (H, N * rps, S), rps rows per segment, with what every
+    window's column scores share: each segment's mean over its rows (no key excluded) and each
+    row's total in float64. A window w only changes a segment's columns from its first row - w
+    + 1 up to its last row, so `far` recomputes that slice (w + the rows' span wide) instead of
+    the whole row."""
+
+    def __init__(self, p: torch.Tensor, rows: torch.Tensor, n: int) -> None:
+        H, R, S = p.shape
+        self.N = -(-S // n)
+        self.rps = R // self.N
+        self.p4 = p.view(H, self.N, self.rps, S)
+        self.rows = rows.view(self.N, self.rps)
+        self.mean = self.p4.mean(2)  # (H, N, S)
+        self.total = p.sum(-1, dtype=torch.float64).view(H, self.N, self.rps)
+        self.span = int((self.rows[:, -1] - self.rows[:, 0]).max())
+
+    def far(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """((H, N, S) float32 mean attention of each segment's rows on keys j <= row - w,
+        (H, N, rps) float64 each row's attention on keys row - w < j <= row)."""
+        H, N, rps, S = self.p4.shape
+        L = w + self.span
+        if L >= S:  # the slice would be the whole row
+            j = torch.arange(S, device=self.p4.device)
+            keep = j[None, None, :] <= (self.rows - w)[..., None]
+            far = self.p4 * keep
+            near = (self.p4 * ~keep).sum(-1, dtype=torch.float64)
+            return far.mean(2), near
+        start = (self.rows[:, 0] - w + 1).clamp(min=0, max=S - L)  # (N,)
+        cols = start[:, None] + torch.arange(L, device=self.p4.device)  # (N, L), within [0, S)
+        g = self.p4.gather(3, cols[None, :, None, :].expand(H, N, rps, L))
+        keep = cols[:, None, :] <= (self.rows - w)[..., None]  # (N, rps, L)
+        score = self.mean.clone()
+        score.scatter_(2, cols[None].expand(H, N, L), (g * keep).mean(2))
+        near = (g * ~keep).sum(-1, dtype=torch.float64)
+        return score, near
+
+
+def _segment_candidate(sc: _SegmentScores, w: int, n: int, halo: float, sinks: int) -> _SegmentCandidate:
+    """Rank each segment's columns for window w from the sampled rows' attention sc."""
+    mean, near = sc.far(w)
+    N, S = mean.shape[1:]
+    dev = mean.device
     j = torch.arange(S, device=dev)
-    far = p * (j[None, :] <= (rows - w)[:, None])
-    score = _smooth_segments(far.view(H, N, R // N, S).mean(2), halo)  # (H, N, S)
-    band = _smooth_segments((1.0 - far.sum(-1)).view(H, N, R // N).mean(2), halo).double()
-    del far
+    score = _smooth_segments(mean, halo)  # (H, N, S)
+    band = _smooth_segments((1.0 - (sc.total - near)).mean(2), halo)
     s0 = torch.arange(N, device=dev)[:, None] * n
     s1 = (s0 + n).clamp(max=S)
     usable = j[None, :] <= s1 - 1 - w  # (N, S): some row of the segment sees the key as a column
-    value = torch.where(usable, score.double(), -1.0)
+    value = torch.where(usable, score, -1.0)
     value[..., :sinks] = torch.where(usable[:, :sinks], math.inf, -1.0)
-    order = torch.sort(value, dim=-1, descending=True, stable=True).indices
-    mass = torch.where(usable, score.double(), 0.0).gather(-1, order).cumsum(-1)
+    ranked, order = torch.sort(value, dim=-1, descending=True, stable=True)
+    mass = torch.where(ranked >= 0, score.gather(-1, order), 0.0).double().cumsum(-1)
     # kept entries of a taken column j: the segment's rows i >= j + w
-    use = (s1 - torch.maximum(order + w, s0)).clamp(min=0).double().cumsum(-1)
+    use = (s1 - torch.maximum(order + w, s0)).clamp(min=0).to(torch.int32).cumsum(-1, dtype=torch.int32)
     use = torch.cat((torch.zeros_like(use[..., :1]), use), dim=-1)
-    limit = (value > 0).sum(-1)
+    limit = (ranked > 0).sum(-1)
     return _SegmentCandidate(w, order, mass, use, band, limit, usable[:, :sinks].sum(-1).minimum(limit))
 
 
@@ -486,7 +522,7 @@ def _segment_count(c: _SegmentCandidate, alpha: float, S: int) -> tuple[torch.Te
     count = torch.where(need[..., 0] <= 0, torch.zeros_like(count), count)
     count = torch.maximum(count.minimum(c.limit), c.sinks)
     w = c.w
-    cost = w * S - w * (w - 1) / 2 + c.use.gather(-1, count[..., None])[..., 0].sum(-1)
+    cost = w * S - w * (w - 1) / 2 + c.use.gather(-1, count[..., None])[..., 0].double().sum(-1)
     return cost, count
 
 
@@ -587,9 +623,9 @@ def select_segments(
             vnorm = vf.norm(dim=-1) if config.value_weighted else None
             for h0 in range(g * G, (g + 1) * G, batch):
                 hs = list(range(h0, min(h0 + batch, (g + 1) * G)))
-                p = _probs_rows(q[b, hs], kf, rows, scale, vnorm)
-                cands = [_segment_candidate(p, rows, w, n, config.halo, sinks) for w in wins]
-                del p
+                scores = _SegmentScores(_probs_rows(q[b, hs], kf, rows, scale, vnorm), rows, n)
+                cands = [_segment_candidate(scores, w, n, config.halo, sinks) for w in wins]
+                del scores
                 if check:
                     pb = _probs_rows(q[b, hs], kf, held, scale, None)
                     ob = pb @ vf
