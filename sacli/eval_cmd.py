@@ -47,7 +47,7 @@ RuleOpt = Annotated[
     list[str],
     typer.Option(
         "--rule",
-        help="Selection rule(s): product (what sacli runs), literal, residual, adaptive, segments; repeatable",
+        help="Selection rule(s): product (what sacli runs), literal, residual, adaptive, segments, exact (every entry: the arithmetic floor); repeatable",
     ),
 ]
 LengthsOpt = Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens, e.g. 4K,8K")]
@@ -261,7 +261,7 @@ def niah(
     books: Annotated[list[Path], typer.Argument(help="Haystack text file(s); cells cycle through them")],
     lengths: LengthsOpt = "2K,4K,8K",
     depths: Annotated[str, typer.Option("--depths", help="Needle depths in [0, 1], comma-separated")] = "0,0.25,0.5,0.75,1",
-    rule: Annotated[str, typer.Option("--rule", help="Selection rule: product, literal, residual, adaptive, segments")] = "product",
+    rule: Annotated[str, typer.Option("--rule", help="Selection rule: product, literal, residual, adaptive, segments, exact")] = "product",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most answer tokens")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the needle numbers")] = 0,
     model: ModelOpt = None,

@@ -12,7 +12,10 @@ A rule maps one layer's prefill (q, k, v, scale) and the SampleAttention knobs t
 - "adaptive": `sacli.kernels.rules.select_adaptive` (window per head, ratio-ranked columns,
               per-query alpha, sinks, dense fallback);
 - "segments": `sacli.kernels.rules.select_segments` (window per head, columns per segment of
-              128 query rows from that segment's sampled rows and its neighbours').
+              128 query rows from that segment's sampled rows and its neighbours');
+- "exact":    every causal entry, through the same sparse kernel: no entry is dropped, only the
+              arithmetic differs from dense attention. Its KL and top-1 against dense are the
+              floor that every other rule's comparison includes.
 
 `rule_attention(model, rule, settings)` makes a model's prefill use a rule through transformers'
 AttentionInterface (registered as "sacli_eval"), for end-to-end comparisons of rules that
@@ -29,7 +32,7 @@ import torch
 from sacli.config import Settings
 from sacli.errors import UsageError
 
-RULES = ("product", "literal", "residual", "adaptive", "segments")
+RULES = ("product", "literal", "residual", "adaptive", "segments", "exact")
 EVAL_ATTENTION = "sacli_eval"
 
 Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, Settings], "object"]
@@ -57,8 +60,25 @@ def _adaptive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s
     return select_adaptive(q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale)
 
 
+def _every_entry(q: torch.Tensor):
+    """A Selection keeping every causal entry of q's heads (window = S, no columns)."""
+    from sacli.kernels import Selection
+
+    B, H, S, _ = q.shape
+    return Selection(
+        window=torch.full((B, H), S, dtype=torch.int32, device=q.device),
+        cols=torch.empty(B, H, 0, dtype=torch.int32, device=q.device),
+        ncols=torch.zeros(B, H, dtype=torch.int32, device=q.device),
+        seq_len=S,
+    )
+
+
+def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s: Settings):
+    return _every_entry(q)
+
+
 def _product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s: Settings):
-    from sacli.kernels import Selection, sample_attention
+    from sacli.kernels import sample_attention
 
     _, stats = sample_attention(
         q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale,
@@ -66,14 +86,7 @@ def _product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s:
     )
     if stats.selection is not None:
         return stats.selection
-    B, H, S, _ = q.shape
-    # routed dense: every head keeps every causal entry
-    return Selection(
-        window=torch.full((B, H), S, dtype=torch.int32, device=q.device),
-        cols=torch.empty(B, H, 0, dtype=torch.int32, device=q.device),
-        ncols=torch.zeros(B, H, dtype=torch.int32, device=q.device),
-        seq_len=S,
-    )
+    return _every_entry(q)  # routed dense: every head keeps every causal entry
 
 
 def _segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s: Settings):
@@ -84,6 +97,7 @@ def _segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s
 
 _RULES: dict[str, Rule] = {
     "product": _product, "literal": _literal, "residual": _residual, "adaptive": _adaptive, "segments": _segments,
+    "exact": _exact,
 }
 
 

@@ -101,6 +101,21 @@ def test_ppl_dense_rule_equals_dense(tiny_model: Path, env: Path) -> None:
     assert run["ppl_sparse"] == pytest.approx(run["ppl_dense"], rel=1e-4)
 
 
+def test_ppl_exact_rule_is_the_arithmetic_floor(tiny_model: Path, env: Path) -> None:
+    # "exact" keeps every entry through the sparse kernel whatever the knobs: in float32 on the
+    # CPU the only difference from dense is summation order, so the floor is ~0
+    args = ["ppl", str(env), "--model", str(tiny_model), "--lengths", "256", "--last", "64", "--json"]
+    args += ["--rule", "exact", "--rule", "residual", *COMMON]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    exact, residual = json.loads(result.stdout)["runs"]
+    assert exact["rule"] == "exact" and exact["routed"] == "sparse"
+    assert exact["density_mean"] == 1.0
+    assert exact["kl_mean"] == pytest.approx(0.0, abs=1e-5) and exact["top1_agreement"] == 1.0
+    assert exact["ppl_sparse"] == pytest.approx(exact["ppl_dense"], rel=1e-4)
+    assert residual["density_mean"] < 1.0  # same knobs, a real selection
+
+
 def test_ppl_product_table(tiny_model: Path, env: Path) -> None:
     args = ["ppl", str(env), "--model", str(tiny_model), "--lengths", "256", "--last", "32", *COMMON]
     result = CliRunner().invoke(app, args)
