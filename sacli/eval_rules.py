@@ -24,8 +24,8 @@ sacli itself does not run. Decode steps and masked calls stay exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 
@@ -45,7 +45,12 @@ def _literal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s:
 
 
 def _residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s: Settings):
-    from sacli.kernels import column_scores, fraction_to_tokens, sample_rows, select_columns
+    from sacli.kernels import (
+        column_scores,
+        fraction_to_tokens,
+        sample_rows,
+        select_columns,
+    )
 
     S = q.shape[2]
     w = fraction_to_tokens(s.window, S)
@@ -60,7 +65,7 @@ def _adaptive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s
     return select_adaptive(q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale)
 
 
-def _every_entry(q: torch.Tensor):
+def every_entry(q: torch.Tensor):
     """A Selection keeping every causal entry of q's heads (window = S, no columns)."""
     from sacli.kernels import Selection
 
@@ -74,7 +79,7 @@ def _every_entry(q: torch.Tensor):
 
 
 def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s: Settings):
-    return _every_entry(q)
+    return every_entry(q)
 
 
 def _product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s: Settings):
@@ -86,7 +91,7 @@ def _product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s:
     )
     if stats.selection is not None:
         return stats.selection
-    return _every_entry(q)  # routed dense: every head keeps every causal entry
+    return every_entry(q)  # routed dense: every head keeps every causal entry
 
 
 def _segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s: Settings):

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 from sacli.kernels.rules import select_segments
-from sacli.kernels.selection import Selection
 
 import sacli.evaluate as ev
 from sacli.config import load_settings
+from sacli.eval_rules import every_entry
 
 torch.set_grad_enabled(False)
 lengths, alpha = [int(x) for x in sys.argv[1].split(",")], float(sys.argv[2])
@@ -30,13 +30,6 @@ cache = ev.ModelCache(settings, lambda m: print(m, file=sys.stderr))
 text = Path(os.environ.get("TEXT", "../shared/books/moby_dick_2701.txt"))
 
 
-def dense_selection(q: torch.Tensor) -> Selection:
-    B, Hq, n = q.shape[:3]
-    return Selection(window=torch.full((B, Hq), n, dtype=torch.int32, device=q.device),
-                     cols=torch.full((B, Hq, 0), n, dtype=torch.int32, device=q.device),
-                     ncols=torch.zeros((B, Hq), dtype=torch.int32, device=q.device), seq_len=n)
-
-
 def selector(sparse_layers: set[int], n_layers: int):
     """Selections in call order: the model's layers run 0, 1, ... in one prefill."""
     calls = [0]
@@ -45,7 +38,7 @@ def selector(sparse_layers: set[int], n_layers: int):
         layer = calls[0] % n_layers
         calls[0] += 1
         if layer not in sparse_layers:
-            return dense_selection(q)
+            return every_entry(q)
         return select_segments(q, k, v, alpha=alpha, window=0.05, sample_ratio=sr, scale=scale)
 
     return select

@@ -16,14 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from sacli.kernels.selection import Selection
 from sacli.models.attention import sparse_context
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sacli.evaluate as ev
 from sacli.config import load_settings
 from sacli.eval_metrics import next_token_comparison
-from sacli.eval_rules import rule_attention
+from sacli.eval_rules import every_entry, rule_attention
 
 torch.set_grad_enabled(False)
 lengths = [int(x) for x in sys.argv[1].split(",")]
@@ -31,13 +30,6 @@ device = os.environ.get("DEVICE", "cpu")
 settings = load_settings({"device": device, "dtype": "auto", "rope_scale": "yarn", "dense_below": 0}, environ={})
 text = Path(os.environ.get("TEXT", "../shared/books/moby_dick_2701.txt"))
 LAST = 1024
-
-
-def every_entry(q, k, v, scale) -> Selection:
-    B, Hq, n = q.shape[:3]
-    return Selection(window=torch.full((B, Hq), n, dtype=torch.int32, device=q.device),
-                     cols=torch.full((B, Hq, 0), n, dtype=torch.int32, device=q.device),
-                     ncols=torch.zeros((B, Hq), dtype=torch.int32, device=q.device), seq_len=n)
 
 
 def logits(lm, ids, backend=None):
@@ -75,7 +67,7 @@ for S in lengths:
             row = {"seq_len": S, "vs_default_dense": name, "error": str(e).splitlines()[0][:200]}
         runs.append(row)
         print(row, flush=True)
-    with rule_attention(lm.model, every_entry, 0):
+    with rule_attention(lm.model, lambda q, k, v, scale: every_entry(q), 0):
         kern = ev._last_logits(lm.model, ids, LAST)
     runs.append({"seq_len": S, "vs_default_dense": "sparse_kernel_every_entry", **compare(ref, kern, t)})
     print(runs[-1], flush=True)

@@ -14,7 +14,12 @@ import json
 import os
 import sys
 
-from sparse_common import bf16_qkv, check_against_reference, compare, kernel_variant
+from sparse_common import (
+    check_against_reference,
+    check_variant_on_gpu,
+    kernel_variant,
+    time_on_synthetic,
+)
 
 OLD = """        for u in range(0, t_a + n_tiles - t_b):
             t = tl.where(u < t_a, u, u - t_a + t_b)
@@ -40,39 +45,26 @@ def unmasked_first_module():
 
 
 def gpu(out: str) -> None:
-    import torch
-
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     import gpu_check as g
     from sacli.kernels import triton_sparse as tsp
 
-    from sacli.bench import synthetic_selection
-
     uf = unmasked_first_module()
-    rep = {"env": g.environment(sys.argv), "checks": [], "runs": []}
-    saved = g.tsp
-    g.tsp = uf  # gpu_check's float64 check, on the variant (MERGED_EDGES selects its new loops)
-    for case in [(1, 4, 2, 1000, 128), (2, 8, 2, 4096, 64), (1, 8, 2, 8192, 128)]:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "MERGED_EDGES": True}
-        rep["checks"].append(g.check_sparse(case, cfg))
-        print(json.dumps(rep["checks"][-1]), flush=True)
-    g.tsp = saved
     base = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
-    for S, densities in ((131072, (0.03, 0.05, 0.1)), (32768, (0.03, 0.05))):
-        q, k, v = bf16_qkv(32, 8, S, 128, seed=S)
-        for dens in densities:
-            sel = synthetic_selection(1, 32, S, density=dens, device="cuda", seed=S)
-            counts = tsp.column_counts(sel, tsp.count_block())
-            fns = [
-                lambda: tsp.sparse_attention_triton(q, k, v, sel, 128**-0.5, config={**base, "MERGED_EDGES": False}, counts=counts),
-                lambda: tsp.sparse_attention_triton(q, k, v, sel, 128**-0.5, config={**base, "MERGED_EDGES": True}, counts=counts),
-                lambda: uf.sparse_attention_triton(q, k, v, sel, 128**-0.5, config={**base, "MERGED_EDGES": True}, counts=counts),
-            ]
-            rep["runs"].append(compare(fns, ("split", "merged", "unmasked_first"), case="8B", shape=(32, 8, 128), S=S,
-                                       sel=sel, window=int(sel.window[0, 0]),
-                                       current=("merged" if tsp.merged_edges(int(sel.window[0, 0]), S) else "split")))
-        del q, k, v
-        torch.cuda.empty_cache()
+    # gpu_check's float64 check, on the variant (MERGED_EDGES selects its new loops)
+    rep = {"env": g.environment(sys.argv), "checks": check_variant_on_gpu(uf, [({**base, "MERGED_EDGES": True}, None)]), "runs": []}
+
+    def launches(q, k, v, sel, counts, S):
+        fns = [
+            lambda: tsp.sparse_attention_triton(q, k, v, sel, 128**-0.5, config={**base, "MERGED_EDGES": False}, counts=counts),
+            lambda: tsp.sparse_attention_triton(q, k, v, sel, 128**-0.5, config={**base, "MERGED_EDGES": True}, counts=counts),
+            lambda: uf.sparse_attention_triton(q, k, v, sel, 128**-0.5, config={**base, "MERGED_EDGES": True}, counts=counts),
+        ]
+        w = int(sel.window[0, 0])
+        return fns, {"window": w, "current": "merged" if tsp.merged_edges(w, S) else "split"}
+
+    rep["runs"] = time_on_synthetic([(131072, (0.03, 0.05, 0.1)), (32768, (0.03, 0.05))],
+                                    ("split", "merged", "unmasked_first"), launches)
     with open(out, "w") as f:
         json.dump(rep, f, indent=1)
 

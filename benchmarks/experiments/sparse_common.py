@@ -74,3 +74,46 @@ def compare(fns: list[Callable[[], torch.Tensor]], names: tuple[str, ...], *, ca
              "ms": dict(zip(names, ms)), "max_abs_diff": diffs, "tflops": [4 * D * kept / t / 1e9 for t in ms]}
     print(json.dumps(entry), flush=True)
     return entry
+
+
+# gpu_check's float64 cases of the sparse kernel (B, Hq, Hkv, S, D) that a variant must pass on the GPU
+GPU_CHECK_CASES = [(1, 4, 2, 1000, 128), (2, 8, 2, 4096, 64), (1, 8, 2, 8192, 128)]
+
+
+def check_variant_on_gpu(module: ModuleType, launches: list[tuple[dict[str, Any], bool | None]]) -> list[dict[str, Any]]:
+    """gpu_check's float64 check (`check_sparse`) run on `module`, a kernel_variant: one entry per
+    case of GPU_CHECK_CASES and (config, packed) of `launches`, each printed as a JSON line."""
+    sys.path.insert(0, os.path.join(_HERE, ".."))
+    import gpu_check as g
+
+    saved = g.tsp
+    g.tsp = module
+    try:
+        checks = []
+        for case in GPU_CHECK_CASES:
+            for config, packed in launches:
+                checks.append(g.check_sparse(case, config, packed=packed))
+                print(json.dumps(checks[-1]), flush=True)
+    finally:
+        g.tsp = saved
+    return checks
+
+
+def time_on_synthetic(plan: list[tuple[int, tuple[float, ...]]], names: tuple[str, ...],
+                      make: Callable[..., tuple[list[Callable[[], torch.Tensor]], dict[str, Any]]]) -> list[dict[str, Any]]:
+    """For each (S, densities) of `plan`: the 8B-class shape's random bf16 Q/K/V (32 query heads,
+    8 KV heads, head_dim 128) and a synthetic selection per density; make(q, k, v, sel, counts, S)
+    returns the launches to `compare` and extra fields for its entry."""
+    from sacli.bench import synthetic_selection
+
+    runs = []
+    for S, densities in plan:
+        q, k, v = bf16_qkv(32, 8, S, 128, seed=S)
+        for dens in densities:
+            sel = synthetic_selection(1, 32, S, density=dens, device="cuda", seed=S)
+            counts = tsp.column_counts(sel, tsp.count_block())
+            fns, fields = make(q, k, v, sel, counts, S)
+            runs.append(compare(fns, names, case="8B", shape=(32, 8, 128), S=S, sel=sel, **fields))
+        del q, k, v
+        torch.cuda.empty_cache()
+    return runs

@@ -15,7 +15,12 @@ import os
 import subprocess
 import sys
 
-from sparse_common import bf16_qkv, check_against_reference, compare, kernel_variant
+from sparse_common import (
+    check_against_reference,
+    check_variant_on_gpu,
+    kernel_variant,
+    time_on_synthetic,
+)
 
 OLD = '''    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -62,36 +67,22 @@ def ptxas(outdir: str) -> None:
 
 
 def gpu(out: str) -> None:
-    import torch
-
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     import gpu_check as g
     from sacli.kernels import triton_sparse as tsp
 
-    from sacli.bench import synthetic_selection
-
     lazy = lazy_module()
-    rep = {"env": g.environment(sys.argv), "checks": [], "runs": []}
-    saved = g.tsp
-    g.tsp = lazy  # the float64 check of gpu_check, on the variant
-    for case in [(1, 4, 2, 1000, 128), (2, 8, 2, 4096, 64), (1, 8, 2, 8192, 128)]:
-        for packed in (True, False):
-            rep["checks"].append(g.check_sparse(case, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-                                                packed=packed))
-            print(json.dumps(rep["checks"][-1]), flush=True)
-    g.tsp = saved
     cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
-    for S, densities in ((131072, (0.03, 0.05, 0.1, 0.4)), (32768, (0.03, 0.1))):
-        q, k, v = bf16_qkv(32, 8, S, 128, seed=S)
-        for dens in densities:
-            sel = synthetic_selection(1, 32, S, density=dens, device="cuda", seed=S)
-            counts = tsp.column_counts(sel, tsp.count_block())
-            merged = tsp.merged_edges(int(sel.window[0, 0]), S)
-            c = {**cfg, "MERGED_EDGES": merged}
-            fns = [lambda m=m: m.sparse_attention_triton(q, k, v, sel, 128**-0.5, config=c, counts=counts) for m in (tsp, lazy)]
-            rep["runs"].append(compare(fns, ("current", "lazy"), case="8B", shape=(32, 8, 128), S=S, sel=sel, merged=merged))
-        del q, k, v
-        torch.cuda.empty_cache()
+    # gpu_check's float64 check, on the variant
+    rep = {"env": g.environment(sys.argv), "checks": check_variant_on_gpu(lazy, [(cfg, True), (cfg, False)]), "runs": []}
+
+    def launches(q, k, v, sel, counts, S):
+        merged = tsp.merged_edges(int(sel.window[0, 0]), S)
+        c = {**cfg, "MERGED_EDGES": merged}
+        fns = [lambda m=m: m.sparse_attention_triton(q, k, v, sel, 128**-0.5, config=c, counts=counts) for m in (tsp, lazy)]
+        return fns, {"merged": merged}
+
+    rep["runs"] = time_on_synthetic([(131072, (0.03, 0.05, 0.1, 0.4)), (32768, (0.03, 0.1))], ("current", "lazy"), launches)
     with open(out, "w") as f:
         json.dump(rep, f, indent=1)
 
