@@ -8,6 +8,10 @@ each stride's last row), optionally smoothed with its neighbours' (`halo` 1: wei
 window per head is the one of 16/64/256/1024 keeping the fewest entries. Reported: kept density
 and the relative output error over all rows (as `sacli eval fidelity`). Unlike the rule, no
 held-out check, no dense fallback, and columns past a segment's reach are not masked out.
+An optional seventh field picks the sampled rows: `stride` (default, as above) or `diverse`
+(farthest-point sampling of the segment's scaled queries, starting from its last row; each
+picked row weighs the share of the segment's rows nearest to it) or `diverse_dir` (the same
+on unit-length queries).
 
     python benchmarks/eval/segment_estimators.py --text ../shared/books/moby_dick_2701.txt \
         128:8:0.98:1:1:0 128:16:0.97:1:1:0 ...   (seg:rows:alpha:halo:vw:glob)
@@ -39,12 +43,39 @@ def smooth(x, kern):
     y = F.conv1d(F.pad(flat, (r, r)), k.view(1, 1, -1))[:, 0].T
     cnt = F.conv1d(F.pad(torch.ones(1, 1, nseg, dtype=x.dtype), (r, r)), k.view(1, 1, -1))[0, 0]
     return (y / cnt[:, None]).reshape(x.shape)
-def run_head(P, v, out, seg, rps, alpha, halo, vw, glob, sinks=4):
+def pick_rows(qs, seg, rps, pick):
+    """(nseg, rps) sampled rows of each segment and (nseg, rps) weights summing to 1."""
+    S = qs.shape[0]
+    nseg = (S + seg - 1) // seg
+    stride = seg // rps
+    if pick == "stride":
+        rows = (torch.arange(nseg)[:, None] * seg + torch.arange(rps)[None, :] * stride + stride - 1).clamp(max=S - 1)
+        return rows, torch.full((nseg, rps), 1.0 / rps)
+    rows = torch.empty(nseg, rps, dtype=torch.long)
+    wts = torch.empty(nseg, rps)
+    for s in range(nseg):
+        a, b = s * seg, min(S, (s + 1) * seg)
+        x = F.normalize(qs[a:b], dim=-1) if pick == "diverse_dir" else qs[a:b]
+        n = x.shape[0]
+        chosen = [n - 1]
+        d = (x - x[n - 1]).norm(dim=-1)
+        for _ in range(min(rps, n) - 1):
+            j = int(d.argmax())
+            chosen.append(j)
+            d = torch.minimum(d, (x - x[j]).norm(dim=-1))
+        chosen += [n - 1] * (rps - len(chosen))
+        c = torch.tensor(chosen)
+        near = torch.cdist(x, x[c]).argmin(1)
+        rows[s] = a + c
+        wts[s] = torch.bincount(near, minlength=rps).float() / n
+    return rows, wts
+
+
+def run_head(P, v, out, qs, seg, rps, alpha, halo, vw, glob, pick="stride", sinks=4):
     S = P.shape[0]
     i = torch.arange(S)
     nseg = (S + seg - 1) // seg
-    stride = seg // rps
-    rows = (torch.arange(nseg)[:, None] * seg + torch.arange(rps)[None, :] * stride + stride - 1).clamp(max=S - 1)
+    rows, wts = pick_rows(qs, seg, rps, pick)
     rflat = rows.reshape(-1)
     Ps = P[rflat]
     if vw:
@@ -56,8 +87,8 @@ def run_head(P, v, out, seg, rps, alpha, halo, vw, glob, sinks=4):
     kern = {0: [1.0], 1: [0.5, 1.0, 0.5], 2: [0.25, 0.5, 1.0, 0.5, 0.25]}[halo]
     for w in WINDOWS:
         far = Ps * (dist >= w)
-        sc = far.view(nseg, rps, S).mean(1)
-        bm = (1 - far.sum(-1)).view(nseg, rps).mean(1)
+        sc = (far.view(nseg, rps, S) * wts[..., None]).sum(1)
+        bm = ((1 - far.sum(-1)).view(nseg, rps) * wts).sum(1)
         if halo:
             sc = smooth(sc, kern); bm = smooth(bm, kern)
         if glob:
@@ -92,7 +123,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, required=True)
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--layers", default="5,15,25")
-    ap.add_argument("configs", nargs="+", help="seg:rows:alpha:halo:vw:glob")
+    ap.add_argument("configs", nargs="+", help="seg:rows:alpha:halo:vw:glob[:pick]")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     settings = load_settings({"device": "cpu", "dtype": "auto", "rope_scale": "yarn"}, environ={})
@@ -109,8 +140,8 @@ def main() -> None:
         lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
     configs = []
     for spec in args.configs:
-        seg, rps, alpha, halo, vw, glob = spec.split(":")
-        configs.append((int(seg), int(rps), float(alpha), int(halo), int(vw), float(glob)))
+        seg, rps, alpha, halo, vw, glob, *pick = spec.split(":")
+        configs.append((int(seg), int(rps), float(alpha), int(halo), int(vw), float(glob), *pick))
     res = {c: [] for c in configs}
     t0 = time.time()
     for layer, (q, k, v, scale) in sorted(cap.items()):
@@ -124,14 +155,15 @@ def main() -> None:
             del logits
             out = P @ vh
             for c in configs:
-                res[c].append(run_head(P, vh, out, *c))
+                res[c].append(run_head(P, vh, out, qh * scale, *c))
         print(f"layer {layer} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     for c, r in res.items():
         d = statistics.fmean(x[0] for x in r)
         e = statistics.fmean(x[1] for x in r)
         m = max(x[1] for x in r)
         n3 = sum(x[1] <= 0.03 for x in r)
-        print(f"seg={c[0]} rows={c[1]} a={c[2]} halo={c[3]} vw={c[4]} glob={c[5]}: density {d:.3f} err {e:.4f} "
+        pick = f" pick={c[6]}" if len(c) > 6 else ""
+        print(f"seg={c[0]} rows={c[1]} a={c[2]} halo={c[3]} vw={c[4]} glob={c[5]}{pick}: density {d:.3f} err {e:.4f} "
               f"max {m:.3f} heads<=3% {n3}/{len(r)}")
 
 
