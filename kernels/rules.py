@@ -31,7 +31,9 @@ All inputs are ones `api.sample_attention` already holds.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -400,6 +402,11 @@ class SegmentConfig:
     alpha_levels: int = 5
     # heads whose selection keeps more than this share of the causal entries run dense
     dense_above: float = 0.6
+    # heads left without a selection (check failed at every level, or too dense) are ranked
+    # again from every row's exact attention (one full QK^T and softmax for that head, no
+    # halo), checked on every row, and take the first level that passes before they run dense
+    # (8K, CPU: 20.2% -> 18.0% density at alpha 0.95, 13 -> 5 dense heads; docs/FIDELITY.md)
+    exact_fallback: bool = True
 
 
 DEFAULT_SEGMENTS = SegmentConfig()
@@ -462,9 +469,9 @@ class _SegmentScores:
     + 1 up to its last row, so `far` recomputes that slice (w + the rows' span wide) instead of
     the whole row."""
 
-    def __init__(self, p: torch.Tensor, rows: torch.Tensor, n: int) -> None:
+    def __init__(self, p: torch.Tensor, rows: torch.Tensor, n: int, segments: int | None = None) -> None:
         H, R, S = p.shape
-        self.N = -(-S // n)
+        self.N = -(-S // n) if segments is None else segments  # segments: of a chunk of whole segments
         self.rps = R // self.N
         self.p4 = p.view(H, self.N, self.rps, S)
         self.rows = rows.view(self.N, self.rps)
@@ -493,7 +500,37 @@ class _SegmentScores:
         return score, near
 
 
-def _segment_candidate(sc: _SegmentScores, w: int, n: int, halo: float, sinks: int) -> _SegmentCandidate:
+class _ExactSegmentScores:
+    """What `_segment_candidate` reads from `_SegmentScores`, computed from every row of H heads
+    qh (H, S, D) in chunks of whole segments (no (S, S) matrix is held): per candidate window,
+    each segment's mean attention on keys j <= row - w, and each segment's mean band and total
+    mass (as one 'row' per segment, which is all `_segment_candidate` averages)."""
+
+    def __init__(self, qh: torch.Tensor, kf: torch.Tensor, scale: float, vnorm: torch.Tensor | None, n: int,
+                 wins: list[int]) -> None:
+        H, S = qh.shape[0], kf.shape[0]
+        N = -(-S // n)
+        dev = qh.device
+        self.total = torch.zeros(H, N, 1, dtype=torch.float64, device=dev)
+        self._far = {w: torch.zeros(H, N, S, dtype=torch.float32, device=dev) for w in wins}
+        self._near = {w: torch.zeros(H, N, 1, dtype=torch.float64, device=dev) for w in wins}
+        step = max(1, _CHUNK_ELEMS // (H * S * n)) * n  # rows per chunk: whole segments
+        for r0 in range(0, N * n, step):
+            rows = torch.arange(r0, min(N * n, r0 + step), device=dev).clamp(max=S - 1)  # a short last segment repeats S - 1
+            c, s0 = rows.numel() // n, r0 // n
+            chunk = _SegmentScores(_probs_rows(qh, kf, rows, scale, vnorm), rows, n, segments=c)
+            self.total[:, s0 : s0 + c, 0] = chunk.total.mean(2)
+            for w in wins:
+                far, near = chunk.far(w)
+                self._far[w][:, s0 : s0 + c] = far
+                self._near[w][:, s0 : s0 + c, 0] = near.mean(2)
+
+    def far(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """((H, N, S) float32 mean far attention per segment, (H, N, 1) float64 mean band mass)."""
+        return self._far[w], self._near[w]
+
+
+def _segment_candidate(sc: _SegmentScores | _ExactSegmentScores, w: int, n: int, halo: float, sinks: int) -> _SegmentCandidate:
     """Rank each segment's columns for window w from the sampled rows' attention sc."""
     mean, near = sc.far(w)
     N, S = mean.shape[1:]
@@ -545,6 +582,26 @@ def _segment_error(pb: torch.Tensor, ob: torch.Tensor, rows: torch.Tensor, vf: t
     return (out - ob).flatten(1).norm(dim=-1) / ob.flatten(1).norm(dim=-1).clamp_min(1e-30)
 
 
+def _segment_error_on_rows(qh: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, scale: float, rows: torch.Tensor,
+                           w: torch.Tensor, marks: torch.Tensor, n: int) -> torch.Tensor:
+    """(H,) relative output error over rows (sorted) of H heads qh (H, S, D) under bands of w
+    (H,) plus their segments' marked columns (H, N, S); rows in chunks, so no (S, S) matrix is
+    held."""
+    H, S = qh.shape[0], kf.shape[0]
+    num = torch.zeros(H, dtype=torch.float64, device=qh.device)
+    den = torch.zeros(H, dtype=torch.float64, device=qh.device)
+    chunk = max(1, _CHUNK_ELEMS // (H * S))
+    for r0 in range(0, rows.numel(), chunk):
+        r = rows[r0 : r0 + chunk]
+        pb = _probs_rows(qh, kf, r, scale, None)
+        ob = pb @ vf
+        err = _segment_error(pb, ob, r, vf, w, marks, n)  # relative per head over this chunk
+        part = ob.flatten(1).norm(dim=-1).double() ** 2
+        num += (err.double() ** 2) * part
+        den += part
+    return (num / den.clamp_min(1e-30)).sqrt()
+
+
 def _probs_rows(qh: torch.Tensor, kf: torch.Tensor, rows: torch.Tensor, scale: float, vnorm: torch.Tensor | None) -> torch.Tensor:
     """(H, R, S) float32 causal attention of rows (sorted) of H heads qh (H, S, D), weighted by
     vnorm if given."""
@@ -588,7 +645,10 @@ def select_segments(
     every other stride): if their output error exceeds max_error, the head
     retries with a stricter alpha (1 - (1 - alpha) / 2, / 4, ...). A head failing at every
     level, or keeping more than `dense_above` of the causal entries, is computed exactly
-    (window = S): typically heads whose queries each read their own far keys.
+    (window = S): typically heads whose queries each read their own far keys. With
+    `config.exact_fallback` (the default) such a head is first ranked again from every row's
+    exact attention (no halo) and checked on every row; only if that fails too does it run
+    dense.
 
     q: (B, Hq, S, D); k, v: (B, Hkv, S, D). Returns a segmented Selection (segment =
     config.segment): window (B, Hq) int32, cols (B, Hq, NSEG, C) int32 ascending, padded with S.
@@ -615,6 +675,39 @@ def select_segments(
 
     out_w = torch.full((B, Hq), S, dtype=torch.int64, device=dev)
     out_cols: list[list[torch.Tensor]] = [[torch.empty(N, 0, dtype=torch.int64, device=dev)] * Hq for _ in range(B)]
+
+    def choose(b: int, hs: list[int], cands: list[_SegmentCandidate],
+               error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """Give heads hs of batch b the first level whose selection from cands passes the check
+        error(windows (H,), marks (H, N, S)) <= max_error (None: no check) and is not too
+        dense; (len(hs),) bool: which heads got one."""
+        open_ = torch.ones(len(hs), dtype=torch.bool, device=dev)
+        for a in levels:
+            counted = [_segment_count(c, a, S) for c in cands]
+            costs = torch.stack([cost for cost, _ in counted])  # (K, H)
+            best = costs.argmin(0)  # first window of the least cost, per head
+            cost = costs.gather(0, best[None])[0]
+            open_ &= cost / causal <= config.dense_above  # denser at every stricter alpha: dense
+            if not bool(open_.any()):
+                break
+            count = torch.stack([cnt for _, cnt in counted]).gather(
+                0, best[None, :, None].expand(1, *counted[0][1].shape))[0]  # (H, N)
+            wsel = torch.tensor(wins, device=dev)[best]
+            order = torch.stack([c.order for c in cands]).gather(
+                0, best[None, :, None, None].expand(1, *cands[0].order.shape))[0]
+            ok = open_.clone()
+            if error is not None:
+                ok &= error(wsel, _segment_marks(order, count)) <= config.max_error
+            for i in ok.nonzero()[:, 0].tolist():
+                C = int(count[i].max())
+                taken = order[i, :, :C]
+                out_cols[b][hs[i]] = torch.where(torch.arange(C, device=dev)[None, :] < count[i, :, None],
+                                                 taken, S).sort(-1).values
+                out_w[b, hs[i]] = int(wsel[i])
+            open_ &= ~ok
+            if not bool(open_.any()):
+                break
+        return out_w[b, hs] < S
     per_head = 24 * len(wins) * N * (S + 1) + 8 * rows.numel() * S
     batch = max(1, min(G, _SEGMENT_BATCH_BYTES // per_head))
     for b in range(B):
@@ -626,36 +719,28 @@ def select_segments(
                 scores = _SegmentScores(_probs_rows(q[b, hs], kf, rows, scale, vnorm), rows, n)
                 cands = [_segment_candidate(scores, w, n, config.halo, sinks) for w in wins]
                 del scores
+                error = None
                 if check:
                     pb = _probs_rows(q[b, hs], kf, held, scale, None)
                     ob = pb @ vf
-                open_ = torch.ones(len(hs), dtype=torch.bool, device=dev)
-                for a in levels:
-                    counted = [_segment_count(c, a, S) for c in cands]
-                    costs = torch.stack([cost for cost, _ in counted])  # (K, H)
-                    best = costs.argmin(0)  # first window of the least cost, per head
-                    cost = costs.gather(0, best[None])[0]
-                    open_ &= cost / causal <= config.dense_above  # denser at every stricter alpha: dense
-                    if not bool(open_.any()):
-                        break
-                    count = torch.stack([cnt for _, cnt in counted]).gather(
-                        0, best[None, :, None].expand(1, *counted[0][1].shape))[0]  # (H, N)
-                    wsel = torch.tensor(wins, device=dev)[best]
-                    order = torch.stack([c.order for c in cands]).gather(
-                        0, best[None, :, None, None].expand(1, *cands[0].order.shape))[0]
-                    ok = open_.clone()
-                    if check:
-                        err = _segment_error(pb, ob, held, vf, wsel, _segment_marks(order, count), n)
-                        ok &= err <= config.max_error
-                    for i in ok.nonzero()[:, 0].tolist():
-                        C = int(count[i].max())
-                        taken = order[i, :, :C]
-                        out_cols[b][hs[i]] = torch.where(torch.arange(C, device=dev)[None, :] < count[i, :, None],
-                                                         taken, S).sort(-1).values
-                        out_w[b, hs[i]] = int(wsel[i])
-                    open_ &= ~ok
-                    if not bool(open_.any()):
-                        break
+                    error = functools.partial(_segment_error, pb, ob, held, vf, n=n)
+                placed = choose(b, hs, cands, error)
+                del cands
+                if not config.exact_fallback:
+                    continue
+                for i in (~placed).nonzero()[:, 0].tolist():
+                    qi = q[b, hs[i : i + 1]]
+                    exact = _ExactSegmentScores(qi, kf, scale, vnorm, n, wins)
+                    cands = [_segment_candidate(exact, w, n, 0.0, sinks) for w in wins]
+                    del exact
+                    # knowing every row, check every row: a copy head loses a few rows entirely,
+                    # which a sample of rows (even a quarter of them) can miss
+                    whole = None
+                    if config.max_error is not None:
+                        every = torch.arange(S, device=dev)
+                        whole = functools.partial(_segment_error_on_rows, qi, kf, vf, scale, every, n=n)
+                    choose(b, hs[i : i + 1], cands, whole)
+                    del cands
     C = max(c.shape[-1] for per_b in out_cols for c in per_b)
     cols = torch.full((B, Hq, N, C), S, dtype=torch.int64, device=dev)
     for b in range(B):

@@ -293,7 +293,31 @@ def test_segments_held_out_check_runs_unselectable_heads_dense() -> None:
     target = torch.minimum(target, torch.arange(S))
     q = k[0, 0, target][None, None] * 30.0
     kw = dict(alpha=0.95, window=0.02, sample_ratio=0.0625, scale=1.0)
-    checked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0))
-    unchecked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0, max_error=None))
+    checked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0, exact_fallback=False))
+    unchecked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0, max_error=None,
+                                                                      exact_fallback=False))
     assert int(checked.window[0, 0]) == S and int(checked.ncols.sum()) == 0
     assert int(unchecked.window[0, 0]) < S and float(unchecked.density()) < 0.5
+
+
+def test_segments_exact_fallback_selects_copy_heads_sparsely() -> None:
+    """The copy head above, with exact_fallback (the default): ranked again from every row's
+    attention, it keeps few entries instead of running dense, and its output over every row
+    stays within the check's bound."""
+    S, D = 512, 64
+    g = torch.Generator().manual_seed(9)
+    k = torch.randn(1, 1, S, D, generator=g)
+    k = k / k.norm(dim=-1, keepdim=True)
+    v = torch.randn(1, 1, S, D, generator=g)
+    target = torch.randint(0, 32, (S,), generator=g) + (torch.arange(S) // 2).clamp(min=0)
+    target = torch.minimum(target, torch.arange(S))
+    q = k[0, 0, target][None, None] * 30.0
+    cfg = SegmentConfig(segment=64, dense_above=1.0, exact_fallback=True)
+    sel = select_segments(q, k, v, alpha=0.95, window=0.02, sample_ratio=0.0625, scale=1.0, config=cfg)
+    _check_valid(sel, 1, 1, S, 64)
+    assert int(sel.window[0, 0]) < S and float(sel.density()) < 0.5
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    logits = q[0, 0] @ k[0, 0].T
+    dense = torch.softmax(logits.masked_fill(~causal, -math.inf), -1) @ v[0, 0]
+    sparse = torch.softmax(logits.masked_fill(~selection_mask(sel)[0, 0], -math.inf), -1) @ v[0, 0]
+    assert float((sparse - dense).norm() / dense.norm()) <= cfg.max_error

@@ -39,12 +39,13 @@ lm = cache.get(S)
 
 
 # config name tokens: a<alpha>, e<max_error>, l<alpha_levels>, s<sample_ratio>, h<halo>, n<segment>, b<boost_rows>,
-# and the flags novw (value_weighted=False), local and res (these two need
+# and the flags novw (value_weighted=False), exact (exact_fallback=True), local and res (these two need
 # benchmarks/experiments/v11_segments_local_levels.patch / v11_segments_residual_values.patch;
 # b needs benchmarks/experiments/v12_segments_boost_rows.patch)
 _NUMBERS = {"a": ("alpha", float), "e": ("max_error", float), "l": ("alpha_levels", int), "s": ("sample_ratio", float),
             "h": ("halo", float), "n": ("segment", int), "b": ("boost_rows", int)}
-_FLAGS = {"novw": ("value_weighted", False), "local": ("local", True), "res": ("residual_values", True)}
+_FLAGS = {"novw": ("value_weighted", False), "local": ("local", True), "res": ("residual_values", True),
+          "exact": ("exact_fallback", True)}
 
 
 def selector(name: str):
