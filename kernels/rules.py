@@ -407,6 +407,11 @@ class SegmentConfig:
     # halo), checked on every row, and take the first level that passes before they run dense
     # (8K, CPU: 20.2% -> 18.0% density at alpha 0.95, 13 -> 5 dense heads; docs/FIDELITY.md)
     exact_fallback: bool = True
+    # with exact_fallback: how many of the alpha levels a head tries on its sampled ranking
+    # before it is ranked from every row (None: all of them). 1 is sparser at equal error (32K,
+    # alpha 0.98: 18.9% / 2.6% against 19.6% / 2.9%) but ranks many more heads from every row:
+    # select time x1.6 at 16K and x2.3 at 32K (benchmarks/raw/v13_k1_speed_ab_gpu.json)
+    sampled_levels: int | None = None
 
 
 DEFAULT_SEGMENTS = SegmentConfig()
@@ -677,12 +682,12 @@ def select_segments(
     out_cols: list[list[torch.Tensor]] = [[torch.empty(N, 0, dtype=torch.int64, device=dev)] * Hq for _ in range(B)]
 
     def choose(b: int, hs: list[int], cands: list[_SegmentCandidate],
-               error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+               error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, tries: list[float]) -> torch.Tensor:
         """Give heads hs of batch b the first level whose selection from cands passes the check
         error(windows (H,), marks (H, N, S)) <= max_error (None: no check) and is not too
-        dense; (len(hs),) bool: which heads got one."""
+        dense, trying the alphas `tries` in turn; (len(hs),) bool: which heads got one."""
         open_ = torch.ones(len(hs), dtype=torch.bool, device=dev)
-        for a in levels:
+        for a in tries:
             counted = [_segment_count(c, a, S) for c in cands]
             costs = torch.stack([cost for cost, _ in counted])  # (K, H)
             best = costs.argmin(0)  # first window of the least cost, per head
@@ -708,6 +713,7 @@ def select_segments(
             if not bool(open_.any()):
                 break
         return out_w[b, hs] < S
+
     per_head = 24 * len(wins) * N * (S + 1) + 8 * rows.numel() * S
     batch = max(1, min(G, _SEGMENT_BATCH_BYTES // per_head))
     for b in range(B):
@@ -724,7 +730,8 @@ def select_segments(
                     pb = _probs_rows(q[b, hs], kf, held, scale, None)
                     ob = pb @ vf
                     error = functools.partial(_segment_error, pb, ob, held, vf, n=n)
-                placed = choose(b, hs, cands, error)
+                sampled = levels if not config.exact_fallback or config.sampled_levels is None else levels[: config.sampled_levels]
+                placed = choose(b, hs, cands, error, sampled)
                 del cands
                 if not config.exact_fallback:
                     continue
@@ -739,7 +746,7 @@ def select_segments(
                     if config.max_error is not None:
                         every = torch.arange(S, device=dev)
                         whole = functools.partial(_segment_error_on_rows, qi, kf, vf, scale, every, n=n)
-                    choose(b, hs[i : i + 1], cands, whole)
+                    choose(b, hs[i : i + 1], cands, whole, levels)
                     del cands
     C = max(c.shape[-1] for per_b in out_cols for c in per_b)
     cols = torch.full((B, Hq, N, C), S, dtype=torch.int64, device=dev)

@@ -21,10 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from sacli.kernels.rules import SegmentConfig, select_segments
 
 import sacli.evaluate as ev
 from sacli.config import load_settings
-from sacli.kernels.rules import SegmentConfig, select_segments
 
 torch.set_grad_enabled(False)
 S = int(sys.argv[1])
@@ -39,11 +39,12 @@ lm = cache.get(S)
 
 
 # config name tokens: a<alpha>, e<max_error>, l<alpha_levels>, s<sample_ratio>, h<halo>, n<segment>, b<boost_rows>,
+# k<sampled_levels>,
 # and the flags novw (value_weighted=False), exact (exact_fallback=True), local and res (these two need
 # benchmarks/experiments/v11_segments_local_levels.patch / v11_segments_residual_values.patch;
 # b needs benchmarks/experiments/v12_segments_boost_rows.patch)
 _NUMBERS = {"a": ("alpha", float), "e": ("max_error", float), "l": ("alpha_levels", int), "s": ("sample_ratio", float),
-            "h": ("halo", float), "n": ("segment", int), "b": ("boost_rows", int)}
+            "h": ("halo", float), "n": ("segment", int), "b": ("boost_rows", int), "k": ("sampled_levels", int)}
 _FLAGS = {"novw": ("value_weighted", False), "local": ("local", True), "res": ("residual_values", True),
           "exact": ("exact_fallback", True)}
 
