@@ -300,7 +300,8 @@ def test_segments_held_out_check_runs_unselectable_heads_dense() -> None:
     assert int(unchecked.window[0, 0]) < S and float(unchecked.density()) < 0.5
 
 
-def test_segments_exact_fallback_selects_copy_heads_sparsely() -> None:
+@pytest.mark.parametrize("sampled_levels", [None, 1])
+def test_segments_exact_fallback_selects_copy_heads_sparsely(sampled_levels: int | None) -> None:
     """The copy head above, with exact_fallback (the default): ranked again from every row's
     attention, it keeps few entries instead of running dense, and its output over every row
     stays within the check's bound."""
@@ -312,7 +313,7 @@ def test_segments_exact_fallback_selects_copy_heads_sparsely() -> None:
     target = torch.randint(0, 32, (S,), generator=g) + (torch.arange(S) // 2).clamp(min=0)
     target = torch.minimum(target, torch.arange(S))
     q = k[0, 0, target][None, None] * 30.0
-    cfg = SegmentConfig(segment=64, dense_above=1.0, exact_fallback=True)
+    cfg = SegmentConfig(segment=64, dense_above=1.0, exact_fallback=True, sampled_levels=sampled_levels)
     sel = select_segments(q, k, v, alpha=0.95, window=0.02, sample_ratio=0.0625, scale=1.0, config=cfg)
     _check_valid(sel, 1, 1, S, 64)
     assert int(sel.window[0, 0]) < S and float(sel.density()) < 0.5
