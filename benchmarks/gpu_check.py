@@ -157,6 +157,15 @@ def time_sampling_passes(q, k, rows, w, scale, cfg):
 
 def sampling_pass_fns(q, k, rows, w, scale, cfg):
     """Callables launching pass 1 (one split) and pass 2 of stage 1 directly with config cfg."""
+    return sampling_pass_launchers(q, k, rows, w, scale, cfg)[:2]
+
+
+def sampling_pass_launchers(q, k, rows, w, scale, cfg, module=ts, tma=None):
+    """(pass 1, pass 2, scores, band masses): the two passes of `module` (a variant of
+    kernels/triton_sampling.py; default the committed one) launched directly with config cfg,
+    and the buffers they write. tma None: pass 1's key tiles through a descriptor where the
+    launcher would use one; True / False forces it (e.g. for fp8 inputs, which the launcher
+    never reads through one)."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     c = {**ts.DEFAULT_CONFIG, **cfg}
@@ -173,11 +182,12 @@ def sampling_pass_fns(q, k, rows, w, scale, cfg):
     keys = triton.cdiv(S, 128) * 128  # one split: the pass as the 8B shape runs it
 
     # as the launcher decides (tma1 -1: its default), so these timings match the product's runs
-    tma = use_descriptors(ts.USE_TMA if c["tma1"] < 0 else c["tma1"], S, k)
+    if tma is None:
+        tma = use_descriptors(ts.USE_TMA if c["tma1"] < 0 else c["tma1"], S, k)
     kd = TensorDescriptor.from_tensor(k, [1, 1, c["keys_per_tile"], D]) if tma else None
 
     def p1():
-        ts._row_stats[(B * Hq, n_chunk, 1)](
+        module._row_stats[(B * Hq, n_chunk, 1)](
             q, k, kd, rows32, bias, mass, bias, qk_scale, S, R, w, Hq, Hq // Hkv, n_chunk, keys,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sb,
             HEAD_DIM=D, BLOCK_R=c["rows_per_program"], BLOCK_N=c["keys_per_tile"], UPCAST=upcast, PREC=prec,
@@ -189,13 +199,13 @@ def sampling_pass_fns(q, k, rows, w, scale, cfg):
     first = torch.searchsorted(rows32, torch.stack((j0 + w, j0 + bn - 1 + w), -1).reshape(-1).contiguous()).to(torch.int32)
 
     def p2():
-        ts._col_scores[(B * Hq, n_cblk)](
+        module._col_scores[(B * Hq, n_cblk)](
             q, k, rows32, bias, first, scores, qk_scale, 1.0 / R, S, R, w, Hq, Hq // Hkv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sb,
             HEAD_DIM=D, BLOCK_N=bn, BLOCK_R=c["rows_per_step"], UPCAST=upcast, PREC=prec,
             PIPE=bool(c["pipe2"]), ROWS_M=bool(c["rows_m2"]), num_warps=c["warps2"], num_stages=c["stages2"])
 
-    return p1, p2
+    return p1, p2, scores, mass
 
 
 def time_interleaved(fns, budget_ms: float = 2000.0, max_rounds: int = 40) -> list[float]:

@@ -280,18 +280,24 @@ def test_segment_sampling_and_windows() -> None:
     assert segment_windows(0.5, 10, cfg) == [10]
 
 
-def test_segments_held_out_check_runs_unselectable_heads_dense() -> None:
-    """A head whose every query reads its own far key (a copy head): the sampled rows' columns
-    miss the other rows' keys, the held-out rows show it, and the head runs dense; without the
-    check it keeps its few columns."""
-    S, D = 512, 64
-    g = torch.Generator().manual_seed(9)
+def _copy_head(S: int, D: int = 64, seed: int = 9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1, 1, S, D) q, k, v of a copy head: every query reads its own far key (unit keys, each
+    query 30x the key it reads, scale 1)."""
+    g = torch.Generator().manual_seed(seed)
     k = torch.randn(1, 1, S, D, generator=g)
     k = k / k.norm(dim=-1, keepdim=True)
     v = torch.randn(1, 1, S, D, generator=g)
     target = torch.randint(0, 32, (S,), generator=g) + (torch.arange(S) // 2).clamp(min=0)
     target = torch.minimum(target, torch.arange(S))
-    q = k[0, 0, target][None, None] * 30.0
+    return k[0, 0, target][None, None] * 30.0, k, v
+
+
+def test_segments_held_out_check_runs_unselectable_heads_dense() -> None:
+    """A head whose every query reads its own far key (a copy head): the sampled rows' columns
+    miss the other rows' keys, the held-out rows show it, and the head runs dense; without the
+    check it keeps its few columns."""
+    S = 512
+    q, k, v = _copy_head(S)
     kw = dict(alpha=0.95, window=0.02, sample_ratio=0.0625, scale=1.0)
     checked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0, exact_fallback=False))
     unchecked = select_segments(q, k, v, **kw, config=SegmentConfig(segment=64, dense_above=1.0, max_error=None,
@@ -305,14 +311,8 @@ def test_segments_exact_fallback_selects_copy_heads_sparsely(sampled_levels: int
     """The copy head above, with exact_fallback (the default): ranked again from every row's
     attention, it keeps few entries instead of running dense, and its output over every row
     stays within the check's bound."""
-    S, D = 512, 64
-    g = torch.Generator().manual_seed(9)
-    k = torch.randn(1, 1, S, D, generator=g)
-    k = k / k.norm(dim=-1, keepdim=True)
-    v = torch.randn(1, 1, S, D, generator=g)
-    target = torch.randint(0, 32, (S,), generator=g) + (torch.arange(S) // 2).clamp(min=0)
-    target = torch.minimum(target, torch.arange(S))
-    q = k[0, 0, target][None, None] * 30.0
+    S = 512
+    q, k, v = _copy_head(S)
     cfg = SegmentConfig(segment=64, dense_above=1.0, exact_fallback=True, sampled_levels=sampled_levels)
     sel = select_segments(q, k, v, alpha=0.95, window=0.02, sample_ratio=0.0625, scale=1.0, config=cfg)
     _check_valid(sel, 1, 1, S, 64)

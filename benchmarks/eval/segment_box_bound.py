@@ -17,14 +17,12 @@ lse is used, the most favourable case (a rule would only have a lower bound).
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-import sacli.evaluate as ev
-from sacli.config import load_settings
-from sacli.eval_capture import capture_attention
+# this folder, on sys.path when run as a script
+from segment_estimators import capture_layers
 
 torch.set_grad_enabled(False)
 SEG = 128
@@ -68,19 +66,7 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.05)
     ap.add_argument("--groups", default="1,2,8", help="rows per box (1: the exact logits)")
     args = ap.parse_args()
-    settings = load_settings({"device": "cpu", "dtype": "auto", "rope_scale": "yarn"}, environ={})
-    cache = ev.ModelCache(settings, lambda m: print(m, file=sys.stderr))
-    ids = ev.text_tokens(cache.tokenizer, ev.read_text(args.text), args.length, source=str(args.text))
-    lm = cache.get(args.length)
-    cap = {}
-
-    def on_layer(layer, q, k, v, scale):
-        if layer == args.layer:
-            cap["qk"] = (q[0].to(torch.bfloat16).clone(), k[0].to(torch.bfloat16).clone(), scale)
-
-    with torch.inference_mode(), capture_attention(lm.model, on_layer):
-        lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    q, k, scale = cap["qk"]
+    q, k, _, scale = capture_layers(args.text, args.length, [args.layer])[args.layer]
     G = q.shape[0] // k.shape[0]
     for h in (int(x) for x in args.heads.split(",")):
         for g in (int(x) for x in args.groups.split(",")):

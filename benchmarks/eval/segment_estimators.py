@@ -118,18 +118,13 @@ def run_head(P, v, out, qs, seg, rps, alpha, halo, vw, glob, pick="stride", sink
     return float(mask.sum()) / (S * (S + 1) / 2), float((o - out).norm() / out.norm()), w
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--text", type=Path, required=True)
-    ap.add_argument("--length", type=int, default=8192)
-    ap.add_argument("--layers", default="5,15,25")
-    ap.add_argument("configs", nargs="+", help="seg:rows:alpha:halo:vw:glob[:pick]")
-    args = ap.parse_args()
-    layers = [int(x) for x in args.layers.split(",")]
+def capture_layers(text: Path, length: int, layers: list[int]) -> dict:
+    """{layer: (q, k, v, scale)} of one dense CPU prefill of the first `length` tokens of
+    text (bf16 copies of batch 0, (H, S, D)), YaRN past the trained context."""
     settings = load_settings({"device": "cpu", "dtype": "auto", "rope_scale": "yarn"}, environ={})
     cache = ev.ModelCache(settings, lambda m: print(m, file=sys.stderr))
-    ids = ev.text_tokens(cache.tokenizer, ev.read_text(args.text), args.length, source=str(args.text))
-    lm = cache.get(args.length)
+    ids = ev.text_tokens(cache.tokenizer, ev.read_text(text), length, source=str(text))
+    lm = cache.get(length)
     cap = {}
 
     def on_layer(layer, q, k, v, scale):
@@ -138,6 +133,17 @@ def main() -> None:
 
     with torch.inference_mode(), capture_attention(lm.model, on_layer):
         lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return cap
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--text", type=Path, required=True)
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--layers", default="5,15,25")
+    ap.add_argument("configs", nargs="+", help="seg:rows:alpha:halo:vw:glob[:pick]")
+    args = ap.parse_args()
+    cap = capture_layers(args.text, args.length, [int(x) for x in args.layers.split(",")])
     configs = []
     for spec in args.configs:
         seg, rps, alpha, halo, vw, glob, *pick = spec.split(":")

@@ -26,8 +26,6 @@ import tempfile
 import traceback
 
 import torch
-import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import gpu_check as g
@@ -77,104 +75,22 @@ def to_fp8(x: torch.Tensor, center: bool) -> tuple[torch.Tensor, float]:
     return (xf / s).to(torch.float8_e4m3fn), s
 
 
-def pass_fns(mod, q, k, rows, w, qk_scale, tma):
-    """Pass 1 (one split) and pass 2 of module mod launched directly with the kept configs."""
-    B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
-    R = rows.numel()
-    rows32 = rows.to(torch.int32)
-    bias = torch.empty(B, Hq, R, device=DEV)
-    mass = torch.empty(B, Hq, R, device=DEV)
-    scores = torch.empty(B, Hq, S, device=DEV)
-    n_chunk = triton.cdiv(R, 64)
-    sb = max(S - 1, 1).bit_length()
-    keys = triton.cdiv(S, 128) * 128
-    kd = TensorDescriptor.from_tensor(k, [1, 1, 128, D]) if tma else None
+# The kept configs: pass 1 PIPE, 3 stages, 128-key tiles; pass 2 rows as M, PIPE, 2 stages.
+KEPT = {"pipe1": 1, "stages1": 3, "pipe2": 1, "rows_m2": 1, "stages2": 2}
 
-    def p1():
-        mod._row_stats[(B * Hq, n_chunk, 1)](
-            q,
-            k,
-            kd,
-            rows32,
-            bias,
-            mass,
-            bias,
-            qk_scale,
-            S,
-            R,
-            w,
-            Hq,
-            Hq // Hkv,
-            n_chunk,
-            keys,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            sb,
-            HEAD_DIM=D,
-            BLOCK_R=64,
-            BLOCK_N=128,
-            UPCAST=False,
-            PREC="tf32",
-            PIPE=True,
-            SPLIT=False,
-            TMA=tma,
-            num_warps=4,
-            num_stages=3,
-        )
 
-    n_cblk = triton.cdiv(S, 128)
-    j0 = torch.arange(n_cblk, device=DEV, dtype=torch.int32) * 128
-    first = torch.searchsorted(
-        rows32, torch.stack((j0 + w, j0 + 127 + w), -1).reshape(-1).contiguous()
-    ).to(torch.int32)
-
-    def p2():
-        mod._col_scores[(B * Hq, n_cblk)](
-            q,
-            k,
-            rows32,
-            bias,
-            first,
-            scores,
-            qk_scale,
-            1.0 / R,
-            S,
-            R,
-            w,
-            Hq,
-            Hq // Hkv,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            sb,
-            HEAD_DIM=D,
-            BLOCK_N=128,
-            BLOCK_R=64,
-            UPCAST=False,
-            PREC="tf32",
-            PIPE=True,
-            ROWS_M=True,
-            num_warps=4,
-            num_stages=2,
-        )
-
-    return p1, p2, scores, mass
+def pass_fns(mod, q, k, rows, w, scale, tma):
+    """Pass 1 (one split) and pass 2 of module mod launched directly with the kept configs,
+    and the (scores, band masses) they write."""
+    return g.sampling_pass_launchers(q, k, rows, w, scale, KEPT, module=mod, tma=tma)
 
 
 def variants(q, k, rows, scale):
-    """name -> (module, q, k, qk_scale, tma) for the four combinations."""
+    """name -> (module, q, k, softmax scale, tma) for the four combinations."""
     ex2h = _variant_module()
     q8, sq = to_fp8(q, center=False)
     k8, sk = to_fp8(k, center=True)
-    base = scale * 1.4426950408889634
+    base = scale
     return {
         "bf16": (ts, q, k, base, True),
         "bf16_ex2h": (ex2h, q, k, base, True),
