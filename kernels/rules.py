@@ -575,16 +575,24 @@ def _segment_marks(order: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(taken).scatter_(-1, order, taken)
 
 
-def _segment_error(pb: torch.Tensor, ob: torch.Tensor, rows: torch.Tensor, vf: torch.Tensor, w: torch.Tensor,
-                   marks: torch.Tensor, n: int) -> torch.Tensor:
-    """(H,) relative output error of rows (plain attention pb (H, R, S), dense output ob) under
-    bands of w (H,) plus their segments' marked columns (H, N, S)."""
+def _segment_error_norms(pb: torch.Tensor, ob: torch.Tensor, rows: torch.Tensor, vf: torch.Tensor, w: torch.Tensor,
+                         marks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((H,) ||O_sel - O||, (H,) ||O||) over rows (plain attention pb (H, R, S), dense output ob)
+    under bands of w (H,) plus their segments' marked columns (H, N, S)."""
     j = torch.arange(pb.shape[-1], device=pb.device)
     dist = (rows[:, None] - j[None, :])[None]  # (1, R, S)
     near = dist < w[:, None, None]
     keep = pb * (near | (marks[:, rows // n] & ~near))
     out = (keep @ vf) / keep.sum(-1, keepdim=True).clamp_min(1e-30)
-    return (out - ob).flatten(1).norm(dim=-1) / ob.flatten(1).norm(dim=-1).clamp_min(1e-30)
+    return (out - ob).flatten(1).norm(dim=-1), ob.flatten(1).norm(dim=-1)
+
+
+def _segment_error(pb: torch.Tensor, ob: torch.Tensor, rows: torch.Tensor, vf: torch.Tensor, w: torch.Tensor,
+                   marks: torch.Tensor, n: int) -> torch.Tensor:
+    """(H,) relative output error of rows under bands of w plus marked columns (see
+    _segment_error_norms)."""
+    diff, ref = _segment_error_norms(pb, ob, rows, vf, w, marks, n)
+    return diff / ref.clamp_min(1e-30)
 
 
 def _segment_error_on_rows(qh: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, scale: float, rows: torch.Tensor,
@@ -599,12 +607,10 @@ def _segment_error_on_rows(qh: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor,
     for r0 in range(0, rows.numel(), chunk):
         r = rows[r0 : r0 + chunk]
         pb = _probs_rows(qh, kf, r, scale, None)
-        ob = pb @ vf
-        err = _segment_error(pb, ob, r, vf, w, marks, n)  # relative per head over this chunk
-        part = ob.flatten(1).norm(dim=-1).double() ** 2
-        num += (err.double() ** 2) * part
-        den += part
-    return (num / den.clamp_min(1e-30)).sqrt()
+        diff, ref = _segment_error_norms(pb, pb @ vf, r, vf, w, marks, n)
+        num += diff.double() ** 2
+        den += ref.double() ** 2
+    return num.sqrt() / den.sqrt().clamp_min(1e-30)
 
 
 def _probs_rows(qh: torch.Tensor, kf: torch.Tensor, rows: torch.Tensor, scale: float, vnorm: torch.Tensor | None) -> torch.Tensor:
@@ -735,6 +741,7 @@ def select_segments(
                 del cands
                 if not config.exact_fallback:
                     continue
+                every = torch.arange(S, device=dev)
                 for i in (~placed).nonzero()[:, 0].tolist():
                     qi = q[b, hs[i : i + 1]]
                     exact = _ExactSegmentScores(qi, kf, scale, vnorm, n, wins)
@@ -744,7 +751,6 @@ def select_segments(
                     # which a sample of rows (even a quarter of them) can miss
                     whole = None
                     if config.max_error is not None:
-                        every = torch.arange(S, device=dev)
                         whole = functools.partial(_segment_error_on_rows, qi, kf, vf, scale, every, n=n)
                     choose(b, hs[i : i + 1], cands, whole, levels)
                     del cands
