@@ -21,7 +21,7 @@ import torch
 from . import backend as _backend
 from . import graphs as _graphs
 from .reference import check_qkv, dense_attention
-from .rules import select_adaptive, select_segments
+from .rules import DEFAULT_SEGMENTS, SegmentConfig, select_adaptive, select_segments
 from .selection import Selection, fraction_to_tokens, sample_rows
 
 
@@ -82,6 +82,7 @@ def sample_attention(
     dense_below: int | None = 0,
     backend: str | None = None,
     rule: str = "sample",
+    segments: SegmentConfig = DEFAULT_SEGMENTS,
     graphs: bool | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Causal SampleAttention for a prefill.
@@ -100,6 +101,7 @@ def sample_attention(
         denser; its stage 1 is PyTorch on every backend); or "segments", kernels/rules.
         select_segments: per-head windows and, per segment of 128 query rows, its own columns from
         that segment's sampled rows (sparser at equal error on long inputs; stage 1 in PyTorch).
+    segments: tuning of the "segments" rule (kernels/rules.SegmentConfig).
     graphs: replay the pipeline as a CUDA graph from the second call of a shape on (kernels/
         graphs.py; CUDA tensors only, ignored otherwise); None: on for the "sample" rule on the
         Triton backend, unless the environment sets SACLI_CUDA_GRAPHS=0.
@@ -119,8 +121,11 @@ def sample_attention(
         return dense_attention(q, k, v, scale), AttentionStats.dense(q, routed="dense_short")
 
     if rule in ("adaptive", "segments"):
-        select = select_adaptive if rule == "adaptive" else select_segments
-        sel = select(q, k, v, alpha=alpha, window=window, sample_ratio=sample_ratio, scale=scale)
+        knobs = {"alpha": alpha, "window": window, "sample_ratio": sample_ratio, "scale": scale}
+        if rule == "adaptive":
+            sel = select_adaptive(q, k, v, **knobs)
+        else:
+            sel = select_segments(q, k, v, **knobs, config=segments)
         out = _backend.sparse_attention(q, k, v, sel, scale, backend=backend)
         return out, AttentionStats(routed="sparse", density=sel.density().to(torch.float32), selection=sel)
     assert rule == "sample", f"rule must be 'sample', 'adaptive' or 'segments', got {rule!r}"

@@ -190,6 +190,7 @@ def sample_attention_forward(
             scale=scaling,
             dense_below=s.dense_below,
             rule=s.rule,
+            segments=s.segment_config(),
         )
         routed, stats_density = stats.routed, stats.density
 

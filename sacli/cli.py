@@ -188,6 +188,10 @@ def ask(
         Optional[str],
         typer.Option("--rule", help=f"SampleAttention selection: sample, adaptive or segments (default: {_DEFAULTS.rule})"),
     ] = None,
+    sampled_levels: Annotated[
+        Optional[int],
+        typer.Option("--sampled-levels", help="Rule segments: alpha levels tried on sampled rows before exact ranking; 0 all (default: 0)"),
+    ] = None,
     dense: Annotated[
         Optional[bool], typer.Option("--dense/--sparse", help="Dense attention in the prefill (for comparison)")
     ] = None,
@@ -237,6 +241,7 @@ def ask(
         sample_ratio=sample_ratio,
         dense_below=dense_below,
         rule=rule,
+        sampled_levels=sampled_levels,
         dense=dense,
         rope_scale=rope_scale,
         device=device,

@@ -12,11 +12,14 @@ import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import platformdirs
 
 from sacli.errors import UsageError
+
+if TYPE_CHECKING:
+    from sacli.kernels.rules import SegmentConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -50,6 +53,9 @@ class Settings:
     # checks, dense fallback for unselectable heads: more faithful, denser) or "segments"
     # (per-head windows, columns per segment of 128 query rows)
     rule: str = "sample"
+    # "segments" rule only: how many of its alpha levels a head tries on its sampled rows before
+    # it is ranked from every row's exact attention; 0: all of them
+    sampled_levels: int = 0
     # always use dense attention (for comparison)
     dense: bool = False
     # "none" refuses prompts over the trained context; "yarn" extends it by YaRN RoPE scaling
@@ -57,6 +63,12 @@ class Settings:
     # directory walking: include hidden files and directories / ignore .gitignore rules
     hidden: bool = False
     no_gitignore: bool = False
+
+    def segment_config(self) -> SegmentConfig:
+        """The "segments" rule's tuning with these settings' knobs applied."""
+        from sacli.kernels.rules import DEFAULT_SEGMENTS
+
+        return dataclasses.replace(DEFAULT_SEGMENTS, sampled_levels=self.sampled_levels or None)
 
 
 def _coerce(name: str, kind: type, raw: Any, origin: str) -> Any:
@@ -145,6 +157,8 @@ def check(s: Settings) -> None:
         raise UsageError(f"max_new_tokens must be at least 1, got {s.max_new_tokens}")
     if s.rule not in RULES:
         raise UsageError(f"rule must be one of {', '.join(RULES)}; got {s.rule!r}")
+    if s.sampled_levels < 0:
+        raise UsageError(f"sampled_levels must be >= 0 (0: all levels), got {s.sampled_levels}")
     if s.rope_scale not in {"none", "yarn"}:
         raise UsageError(f"rope_scale must be 'none' or 'yarn', got {s.rope_scale!r}")
     if s.dtype not in {"auto", "float32", "bfloat16", "float16"}:

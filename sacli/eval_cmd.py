@@ -35,6 +35,10 @@ WindowOpt = Annotated[
 SampleOpt = Annotated[
     Optional[float], typer.Option("--sample-ratio", help=f"Share of query rows sampled [default: {_DEFAULTS.sample_ratio}]")
 ]
+LevelsOpt = Annotated[
+    Optional[int],
+    typer.Option("--sampled-levels", help="Rule segments: alpha levels tried on sampled rows before exact ranking; 0 all [default: 0]"),
+]
 DenseBelowOpt = Annotated[
     Optional[int], typer.Option("--dense-below", help="Dense prefill below this many tokens; -1 automatic [default: 0]")
 ]
@@ -134,6 +138,7 @@ def fidelity(
     alpha: AlphaOpt = None,
     window: WindowOpt = None,
     sample_ratio: SampleOpt = None,
+    sampled_levels: LevelsOpt = None,
     dense_below: DenseBelowOpt = None,
     rope_scale: RopeOpt = None,
     device: DeviceOpt = None,
@@ -147,7 +152,8 @@ def fidelity(
     from sacli import evaluate as ev
 
     settings = _settings(
-        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, dense_below=dense_below,
+        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
+        dense_below=dense_below,
         rope_scale=rope_scale, device=device, dtype=dtype,
     )
     rules = _check_rules(rule)
@@ -207,6 +213,7 @@ def ppl(
     alpha: AlphaOpt = None,
     window: WindowOpt = None,
     sample_ratio: SampleOpt = None,
+    sampled_levels: LevelsOpt = None,
     dense_below: DenseBelowOpt = None,
     rope_scale: RopeOpt = None,
     device: DeviceOpt = None,
@@ -222,7 +229,8 @@ def ppl(
     from sacli import evaluate as ev
 
     settings = _settings(
-        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, dense_below=dense_below,
+        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
+        dense_below=dense_below,
         rope_scale=rope_scale, device=device, dtype=dtype,
     )
     rules = _check_rules(rule)
@@ -268,6 +276,7 @@ def niah(
     alpha: AlphaOpt = None,
     window: WindowOpt = None,
     sample_ratio: SampleOpt = None,
+    sampled_levels: LevelsOpt = None,
     dense_below: DenseBelowOpt = None,
     rope_scale: RopeOpt = None,
     device: DeviceOpt = None,
@@ -283,7 +292,8 @@ def niah(
     from sacli import evaluate as ev
 
     settings = _settings(
-        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, dense_below=dense_below,
+        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
+        dense_below=dense_below,
         rope_scale=rope_scale, device=device, dtype=dtype, max_new_tokens=max_new_tokens, temperature=0.0,
     )
     _check_rules([rule])

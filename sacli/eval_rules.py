@@ -87,7 +87,7 @@ def _product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s:
 
     _, stats = sample_attention(
         q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale,
-        dense_below=s.dense_below, rule=s.rule,
+        dense_below=s.dense_below, rule=s.rule, segments=s.segment_config(),
     )
     if stats.selection is not None:
         return stats.selection
@@ -97,7 +97,8 @@ def _product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s:
 def _segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s: Settings):
     from sacli.kernels.rules import select_segments
 
-    return select_segments(q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale)
+    return select_segments(q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale,
+                           config=s.segment_config())
 
 
 _RULES: dict[str, Rule] = {

@@ -149,6 +149,8 @@ def fingerprint(settings: Settings, options: JobOptions) -> tuple[dict[str, Any]
             dense_below=settings.dense_below,
             rule=settings.rule,
         )
+        if settings.rule == "segments":
+            values["sampled_levels"] = settings.sampled_levels
     canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return values, hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 

@@ -94,8 +94,18 @@ def test_boolean_environment_values(raw: str, expected: bool) -> None:
         ({"rope_scale": "ntk"}, "rope_scale"),
         ({"dtype": "int8"}, "dtype"),
         ({"temperature": -1.0}, "temperature"),
+        ({"sampled_levels": -1}, "sampled_levels"),
     ],
 )
 def test_out_of_range_values(override: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         load_settings(override, environ={})
+
+
+@pytest.mark.parametrize("levels, expected", [(0, None), (1, 1), (3, 3)])
+def test_sampled_levels_reach_the_segments_rule_config(levels: int, expected: int | None) -> None:
+    from sacli.kernels.rules import DEFAULT_SEGMENTS
+
+    cfg = load_settings({"sampled_levels": levels}, environ={}).segment_config()
+    assert cfg.sampled_levels == expected
+    assert cfg == dataclasses.replace(DEFAULT_SEGMENTS, sampled_levels=expected)

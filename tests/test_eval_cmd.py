@@ -73,11 +73,12 @@ def test_fidelity_writes_json_and_png(tiny_model: Path, env: Path, tmp_path: Pat
     out = tmp_path / "res" / "fid.json"
     args = ["fidelity", str(env), "--model", str(tiny_model), "--lengths", "300", "--out", str(out), "--json"]
     args += ["--rule", "product", "--rule", "adaptive", "--rule", "literal", "--rule", "segments", *COMMON]
+    args += ["--sampled-levels", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert json.loads(out.read_text()) == data
-    assert {"device", "date", "command"} <= set(data)
+    assert {"device", "date", "command"} <= set(data) and data["sampled_levels"] == 1
     assert [r["rule"] for r in data["runs"]] == ["product", "adaptive", "literal", "segments"]
     for run in data["runs"]:
         s = run["summary"]

@@ -3,6 +3,7 @@ and backend dispatch."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -328,20 +329,23 @@ def test_sample_attention_adaptive_rule_matches_sparse_reference_on_its_selectio
     assert 0.0 < stats.mean_density <= 1.0
 
 
-def test_sample_attention_segments_rule_matches_sparse_reference_on_its_selection() -> None:
-    """rule="segments" routes through rules.select_segments and then the same exact sparse stage."""
+@pytest.mark.parametrize("sampled_levels", [None, 1])
+def test_sample_attention_segments_rule_matches_sparse_reference_on_its_selection(sampled_levels: int | None) -> None:
+    """rule="segments" routes through rules.select_segments, with the given tuning, and then the
+    same exact sparse stage."""
     from sacli.kernels import sample_attention
     from sacli.kernels.reference import sparse_attention as sparse_ref
-    from sacli.kernels.rules import select_segments
+    from sacli.kernels.rules import DEFAULT_SEGMENTS, select_segments
 
     torch.manual_seed(8)
     q = torch.randn(1, 6, 300, 64)
     k = torch.randn(1, 2, 300, 64)
     v = torch.randn(1, 2, 300, 64)
+    cfg = dataclasses.replace(DEFAULT_SEGMENTS, sampled_levels=sampled_levels)
     out, stats = sample_attention(
-        q, k, v, alpha=0.9, window=0.1, sample_ratio=0.1, scale=0.125, rule="segments", backend="torch"
+        q, k, v, alpha=0.9, window=0.1, sample_ratio=0.1, scale=0.125, rule="segments", segments=cfg, backend="torch"
     )
-    sel = select_segments(q, k, v, alpha=0.9, window=0.1, sample_ratio=0.1, scale=0.125)
+    sel = select_segments(q, k, v, alpha=0.9, window=0.1, sample_ratio=0.1, scale=0.125, config=cfg)
     assert stats.routed == "sparse" and stats.selection.segment == sel.segment == 128
     assert torch.equal(stats.selection.window, sel.window) and torch.equal(stats.selection.cols, sel.cols)
     torch.testing.assert_close(out, sparse_ref(q, k, v, sel, 0.125), rtol=1e-5, atol=1e-5)
