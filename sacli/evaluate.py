@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -43,10 +44,18 @@ def device_description(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def _is_sacli(argv0: str) -> bool:
+    path = Path(argv0)
+    return path.name == "sacli" or (path.name == "__main__.py" and path.parent.name == "sacli")
+
+
 def run_header(settings: Settings, device: torch.device, model_name: str) -> dict[str, Any]:
     """Provenance every JSON result carries: command, date, device, model and knobs."""
     return {
-        "command": " ".join(["sacli"] + sys.argv[1:]) if Path(sys.argv[0]).name == "sacli" else " ".join(sys.argv),
+        # `python -m sacli ...` is the same command as `sacli ...`
+        "command": " ".join(["sacli"] + sys.argv[1:]) if _is_sacli(sys.argv[0]) else " ".join(sys.argv),
+        # settings taken from the environment change what runs: record them with the command
+        "sacli_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SACLI_") and k != "SACLI_HOME"},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_description(device),
         "torch": torch.__version__,

@@ -69,7 +69,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 COMMON = ["--device", "cpu", "--dense-below", "0", "--window", "0.1", "--sample-ratio", "0.2"]
 
 
-def test_fidelity_writes_json_and_png(tiny_model: Path, env: Path, tmp_path: Path) -> None:
+def test_fidelity_writes_json_and_png(tiny_model: Path, env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SACLI_TEMPERATURE", "0")
     out = tmp_path / "res" / "fid.json"
     args = ["fidelity", str(env), "--model", str(tiny_model), "--lengths", "300", "--out", str(out), "--json"]
     args += ["--rule", "product", "--rule", "adaptive", "--rule", "literal", "--rule", "segments", *COMMON]
@@ -79,6 +80,7 @@ def test_fidelity_writes_json_and_png(tiny_model: Path, env: Path, tmp_path: Pat
     data = json.loads(result.stdout)
     assert json.loads(out.read_text()) == data
     assert {"device", "date", "command"} <= set(data) and data["sampled_levels"] == 1
+    assert data["sacli_environment"] == {"SACLI_CONFIG": str(tmp_path / "none.toml"), "SACLI_TEMPERATURE": "0"}
     assert [r["rule"] for r in data["runs"]] == ["product", "adaptive", "literal", "segments"]
     for run in data["runs"]:
         s = run["summary"]
