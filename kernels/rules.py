@@ -384,8 +384,13 @@ class SegmentConfig:
 
     # query rows per column list: a multiple of the sparse kernel's 128-row programs
     segment: int = 128
-    # weight of each neighbouring segment's sampled rows in a segment's column scores (0: none)
-    halo: float = 0.5
+    # weight of each neighbouring segment's sampled rows in a segment's column scores (0: none).
+    # None: halo_rows / (rows sampled per segment), i.e. a neighbour's mean counts as halo_rows
+    # of the segment's own rows, so a larger sample leans less on its neighbours (0.5 at the
+    # default 8 rows, 0.06 at 64; at sample ratio 0.5 a fixed 0.5 was 0.5-1 point denser at
+    # equal error than none, docs/FIDELITY.md)
+    halo: float | None = None
+    halo_rows: float = 4.0
     # candidate windows: powers of two from min_window_tokens up to window_up x the window knob
     min_window_tokens: int = 16
     window_up: int = 4
@@ -648,7 +653,9 @@ def select_segments(
     Each segment's sampled rows (sample_ratio of its rows, on an even stride ending at its last
     row) give the segment its column scores: their value-weighted attention outside the band,
     averaged with the neighbouring segments' at weight `halo` (a far key that one passage reads
-    is usually read by the next one too, and the sample of one segment is small). Per segment,
+    is usually read by the next one too, and the sample of one segment is small; by default the
+    weight is `halo_rows` over the rows sampled per segment, so it shrinks as the sample grows).
+    Per segment,
     the fewest columns (sinks first) that bring the sampled rows' mean kept attention to alpha;
     per head, the candidate window whose selection keeps the fewest entries.
 
@@ -673,6 +680,7 @@ def select_segments(
     N = -(-S // n)
     rps = segment_rows_sampled(sample_ratio, n)
     stride = n // rps
+    halo = config.halo_rows / rps if config.halo is None else config.halo
     grid = torch.arange(N, device=dev)[:, None] * n + torch.arange(rps, device=dev)[None, :] * stride
     rows = (grid + stride - 1).clamp(max=S - 1).reshape(-1)  # (N * rps,); a short last segment repeats S - 1
     # held-out rows: half a stride before every other sampled row (distinct rows when stride >= 2)
@@ -729,7 +737,7 @@ def select_segments(
             for h0 in range(g * G, (g + 1) * G, batch):
                 hs = list(range(h0, min(h0 + batch, (g + 1) * G)))
                 scores = _SegmentScores(_probs_rows(q[b, hs], kf, rows, scale, vnorm), rows, n)
-                cands = [_segment_candidate(scores, w, n, config.halo, sinks) for w in wins]
+                cands = [_segment_candidate(scores, w, n, halo, sinks) for w in wins]
                 del scores
                 error = None
                 if check:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -226,10 +227,8 @@ def test_segments_reach_alpha_on_sampled_rows() -> None:
             assert float(kept) >= alpha - 1e-6, (h, seg, float(kept))
 
 
-def test_segments_adapt_along_the_sequence() -> None:
-    """Two halves whose queries read different far keys get different columns: each segment
-    keeps its own key and not the other half's."""
-    S, D, n = 512, 64, 128
+def _two_halves(S: int, D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (1, 1, S, D) whose first half of queries reads key 10 and second half key 20."""
     g = torch.Generator().manual_seed(3)
     k = torch.randn(1, 1, S, D, generator=g) * 0.1
     v = torch.randn(1, 1, S, D, generator=g)
@@ -240,6 +239,14 @@ def test_segments_adapt_along_the_sequence() -> None:
     q = torch.randn(1, 1, S, D, generator=g) * 0.1
     q[0, 0, : S // 2] += a * 4
     q[0, 0, S // 2 :] += b * 4
+    return q, k, v
+
+
+def test_segments_adapt_along_the_sequence() -> None:
+    """Two halves whose queries read different far keys get different columns: each segment
+    keeps its own key and not the other half's."""
+    S, n = 512, 128
+    q, k, v = _two_halves(S, 64)
     cfg = SegmentConfig(segment=n, sink_tokens=0, halo=0.0, min_window_tokens=16, window_up=1)
     sel = select_segments(q, k, v, alpha=0.9, window=0.03, sample_ratio=0.0625, scale=1.0, config=cfg)
     cols = [set(sel.cols[0, 0, s, : int(sel.ncols[0, 0, s])].tolist()) for s in range(S // n)]
@@ -322,3 +329,23 @@ def test_segments_exact_fallback_selects_copy_heads_sparsely(sampled_levels: int
     dense = torch.softmax(logits.masked_fill(~causal, -math.inf), -1) @ v[0, 0]
     sparse = torch.softmax(logits.masked_fill(~selection_mask(sel)[0, 0], -math.inf), -1) @ v[0, 0]
     assert float((sparse - dense).norm() / dense.norm()) <= cfg.max_error
+
+
+
+@pytest.mark.parametrize("sample_ratio, rows, borrowed", [(0.0625, 8, True), (0.5, 64, False)])
+def test_segments_default_halo_counts_neighbours_as_halo_rows(sample_ratio: float, rows: int, borrowed: bool) -> None:
+    """halo None weighs each neighbouring segment as halo_rows of the segment's own sampled rows:
+    with 8 rows sampled (weight 0.5) the segments next to the halves' border also keep the other
+    half's key; with 64 (weight 1/16) they keep only their own."""
+    S, n = 512, 128
+    q, k, v = _two_halves(S, 64)
+    base = SegmentConfig(segment=n, sink_tokens=0, min_window_tokens=16, window_up=1, max_error=None)
+    assert segment_rows_sampled(sample_ratio, n) == rows
+    kw = {"alpha": 0.9, "window": 0.03, "sample_ratio": sample_ratio, "scale": 1.0}
+    auto = select_segments(q, k, v, **kw, config=replace(base, halo=None, halo_rows=4.0))
+    fixed = select_segments(q, k, v, **kw, config=replace(base, halo=4.0 / rows))
+    for f in ("window", "cols", "ncols"):
+        assert torch.equal(getattr(auto, f), getattr(fixed, f))
+    cols = [set(auto.cols[0, 0, s, : int(auto.ncols[0, 0, s])].tolist()) for s in range(S // n)]
+    assert cols[0] == {10} and cols[3] == {20}
+    assert (20 in cols[1] and 10 in cols[2]) is borrowed
