@@ -1,5 +1,5 @@
 """End-to-end counterpart of segment_error_target.py: perplexity of the last 1024 tokens, KL and
-top-1 agreement vs dense, for segments configs named a<alpha>_e<max_error>_l<levels>[_s<sample_ratio>][_b<boost_rows>][_k<sampled_levels>][_exact],
+top-1 agreement vs dense, for segments configs named a<alpha>_e<max_error>_l<levels>[_s<sample_ratio>][_b<boost_rows>][_k<sampled_levels>][_exact][_h<halo>],
 at one or more lengths (comma-separated), YaRN past the trained 8K. (_b<boost_rows> needs
 benchmarks/experiments/v12_segments_boost_rows.patch.)
 
@@ -33,11 +33,11 @@ runs = []
 for S, name in [(S, name) for S in lengths for name in sys.argv[2:]]:
     ids = ev.text_tokens(cache.tokenizer, ev.read_text(text), S, source=str(text))
     lm = cache.get(S)
-    m = re.fullmatch(r"a([0-9.]+)_e([0-9.]+)_l([0-9]+)(?:_s([0-9.]+))?(?:_b([0-9]+))?(?:_k([0-9]+))?(_exact)?", name)
-    assert m, f"config name a<alpha>_e<max_error>_l<levels>[_s<sample_ratio>][_b<boost_rows>][_k<sampled_levels>][_exact] expected, got {name}"
+    m = re.fullmatch(r"a([0-9.]+)_e([0-9.]+)_l([0-9]+)(?:_s([0-9.]+))?(?:_b([0-9]+))?(?:_k([0-9]+))?(_exact)?(?:_h([0-9.]+))?", name)
+    assert m, f"config name a<alpha>_e<max_error>_l<levels>[_s<sample_ratio>][_b<boost_rows>][_k<sampled_levels>][_exact][_h<halo>] expected, got {name}"
     alpha, err, levels = float(m[1]), float(m[2]), int(m[3])
     sr = float(m[4]) if m[4] else 0.05
-    cfg = SegmentConfig(max_error=err, alpha_levels=levels, exact_fallback=bool(m[7]),
+    cfg = SegmentConfig(max_error=err, alpha_levels=levels, exact_fallback=bool(m[7]), **({"halo": float(m[8])} if m[8] else {}),
                         sampled_levels=int(m[6]) if m[6] else None, **({"boost_rows": int(m[5])} if m[5] else {}))
     sel = lambda q, k, v, scale, a=alpha, c=cfg, r=sr: select_segments(q, k, v, alpha=a, window=0.05, sample_ratio=r, scale=scale, config=c)
     res = ev.measure_ppl(lm, ids, replace(settings, alpha=alpha), "segments", 1024, select=sel)
