@@ -153,8 +153,7 @@ def fidelity(
 
     settings = _settings(
         model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
-        dense_below=dense_below,
-        rope_scale=rope_scale, device=device, dtype=dtype,
+        dense_below=dense_below, rope_scale=rope_scale, device=device, dtype=dtype,
     )
     rules = _check_rules(rule)
     lens = ev.parse_lengths(lengths)
@@ -230,8 +229,7 @@ def ppl(
 
     settings = _settings(
         model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
-        dense_below=dense_below,
-        rope_scale=rope_scale, device=device, dtype=dtype,
+        dense_below=dense_below, rope_scale=rope_scale, device=device, dtype=dtype,
     )
     rules = _check_rules(rule)
     lens = ev.parse_lengths(lengths)
@@ -293,8 +291,7 @@ def niah(
 
     settings = _settings(
         model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
-        dense_below=dense_below,
-        rope_scale=rope_scale, device=device, dtype=dtype, max_new_tokens=max_new_tokens, temperature=0.0,
+        dense_below=dense_below, rope_scale=rope_scale, device=device, dtype=dtype, max_new_tokens=max_new_tokens, temperature=0.0,
     )
     _check_rules([rule])
     lens = ev.parse_lengths(lengths)
