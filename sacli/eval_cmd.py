@@ -327,10 +327,10 @@ def niah(
         render.print_json(data)
         return
     table = Table(title=f"needle in a haystack ({rule}): sparse vs dense greedy answers")
-    for col in ("cells", "answers equal", "dense correct", "sparse correct", "density"):
+    for col in ("cells", "answers equal", "same retrieval", "dense correct", "sparse correct", "density"):
         table.add_column(col, justify="right")
     table.add_row(
-        str(summary["cells"]), _pct(summary["agreement"]), _pct(summary["dense_accuracy"]),
-        _pct(summary["sparse_accuracy"]), _pct(summary["density_mean"]),
+        str(summary["cells"]), _pct(summary["agreement"]), _pct(summary["retrieval_agreement"]),
+        _pct(summary["dense_accuracy"]), _pct(summary["sparse_accuracy"]), _pct(summary["density_mean"]),
     )
     _stdout_table(table)

@@ -417,6 +417,9 @@ def niah_summary(cells: Sequence[NiahCell]) -> dict[str, Any]:
     return {
         "cells": n,
         "agreement": sum(c.agree for c in cells) / n,
+        # both find the needle or both miss it: answers that differ only in wording, or in
+        # which wrong number they give, count here
+        "retrieval_agreement": sum(c.dense_correct == c.sparse_correct for c in cells) / n,
         "dense_accuracy": sum(c.dense_correct for c in cells) / n,
         "sparse_accuracy": sum(c.sparse_correct for c in cells) / n,
         "density_mean": sum(c.density for c in cells) / n,

@@ -134,7 +134,10 @@ def test_niah_grid(tiny_model: Path, env: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["summary"]["cells"] == 4
+    summary, cells = data["summary"], data["cells"]
+    assert summary["cells"] == 4
+    assert summary["retrieval_agreement"] == sum(c["dense_correct"] == c["sparse_correct"] for c in cells) / 4
+    assert summary["agreement"] <= summary["retrieval_agreement"]
     assert {(c["length"], c["depth"]) for c in data["cells"]} == {(200, 0.0), (200, 1.0), (300, 0.0), (300, 1.0)}
     for c in data["cells"]:
         assert abs(c["prompt_tokens"] - c["length"]) <= 8
