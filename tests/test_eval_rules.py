@@ -10,8 +10,8 @@ from sacli.config import Settings
 
 @pytest.mark.parametrize("name", ["segments", "product"])
 def test_selectors_pass_the_segments_tuning(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sacli.kernels.api as api
-    import sacli.kernels.rules as rules
+    from sacli.kernels import api, rules
+
     from sacli.eval_rules import selector
 
     seen = []
