@@ -60,6 +60,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors")]
 
 
+@app.callback()
+def _evaluation(ctx: typer.Context) -> None:
+    # dense and sparse runs must differ by the selection alone, not by kernels' run-to-run noise
+    from sacli import evaluate as ev
+
+    ctx.with_resource(ev.deterministic())
+
+
 def _settings(**overrides: Any) -> Settings:
     # measuring sparse against dense needs the sparse path at every length: unless asked
     # otherwise, no automatic dense routing of short prompts

@@ -18,9 +18,10 @@ import math
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -42,6 +43,21 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Within the block torch uses deterministic algorithms (warning, not failing, on an op that
+    has none) and cuBLAS a fixed workspace. Without it dense attention's own greedy answers
+    changed between repeats of one needle cell on an H100 (benchmarks/eval/niah_dense_repeat.py),
+    so a comparison with dense measured kernel noise as well as the selection."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _is_sacli(argv0: str) -> bool:
@@ -67,6 +83,7 @@ def run_header(settings: Settings, device: torch.device, model_name: str) -> dic
         "dense_below": settings.dense_below,
         "rope_scale": settings.rope_scale,
         "dtype": settings.dtype,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
     }
 
 

@@ -81,6 +81,8 @@ def test_fidelity_writes_json_and_png(tiny_model: Path, env: Path, tmp_path: Pat
     assert json.loads(out.read_text()) == data
     assert {"device", "date", "command"} <= set(data) and data["sampled_levels"] == 1
     assert data["sacli_environment"]["SACLI_TEMPERATURE"] == "0" and "SACLI_HOME" not in data["sacli_environment"]
+    # measured under deterministic algorithms, and the global flag is restored afterwards
+    assert data["deterministic"] is True and not torch.are_deterministic_algorithms_enabled()
     assert [r["rule"] for r in data["runs"]] == ["product", "adaptive", "literal", "segments"]
     for run in data["runs"]:
         s = run["summary"]
