@@ -7,6 +7,7 @@ Only safetensors weights and the model classes shipped with transformers are acc
 from __future__ import annotations
 
 import math
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,37 @@ def apply_yarn(config: Any, needed_tokens: int, limit: int) -> int:
     return new_limit
 
 
+def _linear_float32(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Linear forward returning float32 whatever the weights' dtype (no float32 weight copy on
+    CUDA: the GEMM accumulates in float32 anyway and here also stores float32)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.is_cuda:
+        out = torch.mm(x2, self.weight.t(), out_dtype=torch.float32)
+    else:
+        out = x2.float() @ self.weight.float().t()
+    if self.bias is not None:
+        out = out + self.bias.float()
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def float32_logits(model: torch.nn.Module) -> bool:
+    """Make the output head return float32 logits when its weights are half precision; True if
+    it did. In bfloat16, logits around 20 are 0.125 apart, so the top two tokens often tie
+    exactly and greedy decoding picks by index (measured: a 16K needle prompt whose answer
+    hinged on such a tie, docs/FIDELITY.md); dense and sparse share the head, so comparisons
+    stay like for like."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.weight.dtype == torch.float32:
+        return False
+    if head.weight.is_cuda:
+        try:  # torch.mm's out_dtype: CUDA builds of torch >= 2.8
+            torch.mm(head.weight[:1], head.weight[:1].t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            return False
+    head.forward = types.MethodType(_linear_float32, head)
+    return True
+
+
 def load_model(path: Path, settings: Settings, needed_tokens: int, *, tokenizer: Any = None) -> LoadedModel:
     """Load the model at `path` for a prompt of `needed_tokens` (prompt + max new tokens).
 
@@ -195,6 +227,7 @@ def load_model(path: Path, settings: Settings, needed_tokens: int, *, tokenizer:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load {path}: {_first_line(exc)}") from None
     model.eval()
+    float32_logits(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer if tokenizer is not None else load_tokenizer(path),

@@ -456,18 +456,24 @@ def _answer(lm: Any, ids: torch.Tensor, settings: Settings, rule: str, dense: bo
     return res.text.strip(), density
 
 
-def niah_cell(lm: Any, book: str, length: int, depth: float, settings: Settings, rule: str, seed: int) -> NiahCell:
-    """One grid cell: a prompt of about `length` tokens with the needle at `depth`."""
-    from sacli.eval_niah import QUESTION, TextDocument, answer_correct, haystack_text, insert_needle, make_needle
+def niah_prompt(tok: Any, book: str, length: int, depth: float, settings: Settings, seed: int) -> Any:
+    """A grid cell's Prompt: about `length` tokens of the book with needle `seed` at `depth`."""
+    from sacli.eval_niah import QUESTION, TextDocument, haystack_text, insert_needle, make_needle
     from sacli.models.prompt import build_prompt, encode
 
-    tok = lm.tokenizer
     needle = make_needle(seed)
     empty = build_prompt(tok, [TextDocument("haystack.txt", needle.sentence)], QUESTION, system=settings.system)
-    budget = length - empty.length
-    text = haystack_text(tok, book, budget, lambda t, s: encode(t, s, literal=True))
+    text = haystack_text(tok, book, length - empty.length, lambda t, s: encode(t, s, literal=True))
     text, _ = insert_needle(text, needle, depth)
-    prompt = build_prompt(tok, [TextDocument("haystack.txt", text)], QUESTION, system=settings.system)
+    return build_prompt(tok, [TextDocument("haystack.txt", text)], QUESTION, system=settings.system)
+
+
+def niah_cell(lm: Any, book: str, length: int, depth: float, settings: Settings, rule: str, seed: int) -> NiahCell:
+    """One grid cell: a prompt of about `length` tokens with the needle at `depth`."""
+    from sacli.eval_niah import answer_correct, make_needle
+
+    needle = make_needle(seed)
+    prompt = niah_prompt(lm.tokenizer, book, length, depth, settings, seed)
     dense_answer, _ = _answer(lm, prompt.ids, settings, rule, dense=True)
     sparse_answer, density = _answer(lm, prompt.ids, settings, rule, dense=False)
     return NiahCell(

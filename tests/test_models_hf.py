@@ -247,3 +247,48 @@ def test_text_stream_holds_back_partial_characters():
     stream.update(data, final=True)
     assert "".join(chunks) == text
     assert not any("\ufffd" in c for c in chunks)
+
+
+def test_half_precision_head_returns_float32_logits_that_break_bfloat16_ties():
+    from sacli.models.loading import float32_logits
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm_head = torch.nn.Linear(2, 3, bias=False, dtype=torch.bfloat16)
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.lm_head
+
+    m = Tiny()
+    with torch.no_grad():
+        # logits 20, 20.0625, 1: the first two round to the same bfloat16 (spacing 0.125 there)
+        m.lm_head.weight.copy_(torch.tensor([[20.0, 0.0], [20.0, 0.0625], [1.0, 0.0]]))
+    x = torch.tensor([[[1.0, 1.0]]], dtype=torch.bfloat16)
+    tied = m.lm_head(x)
+    assert tied[0, 0, 0] == tied[0, 0, 1] and int(tied.argmax(-1)) == 0
+    assert float32_logits(m)
+    logits = m.lm_head(x)
+    assert logits.dtype == torch.float32 and logits.shape == (1, 1, 3)
+    assert torch.equal(logits, x.float() @ m.lm_head.weight.float().t())
+    assert int(logits.argmax(-1)) == 1
+
+
+def test_float32_logits_leaves_float32_heads_alone(tiny):
+    from sacli.models.loading import float32_logits
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny("llama")), dtype=torch.float32)
+    forward = model.lm_head.forward
+    assert not float32_logits(model)
+    assert model.lm_head.forward == forward
+
+
+def test_bfloat16_model_gives_float32_logits(tiny):
+    settings = dataclasses.replace(EXACT, dtype="bfloat16", device="cpu")
+    lm = load_model(tiny("llama"), settings, SEQ)
+    ids = _ids(5)
+    with torch.no_grad():
+        hidden = lm.model.model(input_ids=ids).last_hidden_state
+        logits = lm.model(input_ids=ids).logits
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, hidden.float() @ lm.model.lm_head.weight.float().t())
