@@ -129,6 +129,7 @@ def sparse_attention(
     it (it picks the Triton kernel's loop structure for the band); both ignored by the torch
     backend."""
     if choose_backend(backend, q, k, v) == "triton":
-        return _triton_function("triton_sparse", "sparse_attention_triton")(q, k, v, sel, scale, counts=counts,
-                                                                            window_hint=window_hint)
+        out = _triton_function("triton_sparse", "sparse_attention_triton")(q, k, v, sel, scale, counts=counts,
+                                                                           window_hint=window_hint)
+        return reference.exact_tail(q, k, v, out, sel.tail, scale)
     return reference.sparse_attention(q, k, v, sel, scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -181,9 +182,10 @@ def random_selection(B: int, H: int, S: int, gen: torch.Generator) -> Selection:
 
 
 @pytest.mark.parametrize("seq_len", [1, 97, 1025])
-def test_density_counts_equal_mask_counts(seq_len: int) -> None:
+@pytest.mark.parametrize("tail", [0, 7, 2000])
+def test_density_counts_equal_mask_counts(seq_len: int, tail: int) -> None:
     gen = torch.Generator().manual_seed(seq_len)
-    sel = random_selection(2, 5, seq_len, gen)
+    sel = dataclasses.replace(random_selection(2, 5, seq_len, gen), tail=tail)
     mask = selection_mask(sel)
     counts = mask.sum((-1, -2))
     assert torch.equal(sel.kept_entries().to(torch.int64), counts)
@@ -229,18 +231,20 @@ def random_segmented_selection(B: int, H: int, S: int, segment: int, gen: torch.
 
 
 @pytest.mark.parametrize("seq_len,segment", [(97, 16), (130, 64), (64, 64), (5, 100)])
-def test_segmented_density_counts_equal_mask_counts(seq_len: int, segment: int) -> None:
+@pytest.mark.parametrize("tail", [0, 20, 500])
+def test_segmented_density_counts_equal_mask_counts(seq_len: int, segment: int, tail: int) -> None:
     gen = torch.Generator().manual_seed(seq_len + segment)
-    sel = random_segmented_selection(2, 3, seq_len, segment, gen)
+    sel = dataclasses.replace(random_segmented_selection(2, 3, seq_len, segment, gen), tail=tail)
     counts = selection_mask(sel).sum((-1, -2))
     assert torch.equal(sel.kept_entries().to(torch.int64), counts)
     assert torch.equal(sel.kept_entries(), sel.kept_entries().round()), "counts are integers"
 
 
-def test_segmented_mask_matches_definition() -> None:
+@pytest.mark.parametrize("tail", [0, 5])
+def test_segmented_mask_matches_definition(tail: int) -> None:
     S, n = 61, 16
     gen = torch.Generator().manual_seed(5)
-    sel = random_segmented_selection(1, 4, S, n, gen)
+    sel = dataclasses.replace(random_segmented_selection(1, 4, S, n, gen), tail=tail)
     mask = selection_mask(sel)
     for h in range(4):
         w = int(sel.window[0, h])
@@ -249,7 +253,7 @@ def test_segmented_mask_matches_definition() -> None:
             s = i // n
             cols = set(sel.cols[0, h, s, : int(sel.ncols[0, h, s])].tolist())
             for j in range(i + 1):
-                expected[i, j] = (j > i - w) or (j in cols and j <= i - w)
+                expected[i, j] = (j > i - w) or (j in cols and j <= i - w) or i >= S - tail
         assert torch.equal(mask[0, h], expected)
 
 
