@@ -177,21 +177,6 @@ def sparse_attention(
                 cols = all_cols[b, hs, :, : max(longest[b][h] for h in heads)]
                 o = _sparse_group(q[b, hs], kf, vf, [windows[b][h] for h in heads], cols, scale, sel.segment_rows())
                 out[b, hs] = o.to(q.dtype)
-    return exact_tail(q, k, v, out, sel.tail, scale)
-
-
-def exact_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, tail: int, scale: float) -> torch.Tensor:
-    """out with its last `tail` query rows replaced by exact causal attention (in place; out is
-    returned). q: (B, Hq, S, D); k, v: (B, Hkv, S, D); out: (B, Hq, S, D)."""
-    S = q.shape[2]
-    T = min(tail, S)
-    if T <= 0:
-        return out
-    i = torch.arange(S - T, S, device=q.device)[:, None]
-    allowed = torch.arange(S, device=q.device)[None, :] <= i
-    exact = F.scaled_dot_product_attention(q[:, :, S - T:], k, v, attn_mask=allowed, scale=scale,
-                                           enable_gqa=q.shape[1] != k.shape[1])
-    out[:, :, S - T:] = exact.to(out.dtype)
     return out
 
 

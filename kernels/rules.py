@@ -417,12 +417,6 @@ class SegmentConfig:
     # alpha 0.98: 18.9% / 2.6% against 19.6% / 2.9%) but ranks many more heads from every row:
     # select time x1.6 at 16K and x2.3 at 32K (benchmarks/raw/v13_k1_speed_ab_gpu.json)
     sampled_levels: int | None = None
-    # the prompt's last query rows attend every key exactly: in a chat prompt they hold the
-    # question and the assistant header, which the first answer token is computed from (16K
-    # needle prompt, alpha 0.9625 to 0.98: the sparse answer's wording differed from dense until
-    # the last 32 rows were exact; benchmarks/eval/v16_niah_tail_exact_16k_gpu.json). Costs at
-    # most 64 / S of the density (0.4% at 16K)
-    exact_tail: int = 32
 
 
 DEFAULT_SEGMENTS = SegmentConfig()
@@ -776,4 +770,4 @@ def select_segments(
             cols[b, h, :, : c.shape[-1]] = c
     ncols = (cols < S).sum(-1)
     return Selection(window=out_w.clamp(max=S).to(torch.int32), cols=cols.to(torch.int32),
-                     ncols=ncols.to(torch.int32), seq_len=S, segment=n, tail=min(max(config.exact_tail, 0), S))
+                     ncols=ncols.to(torch.int32), seq_len=S, segment=n)

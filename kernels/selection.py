@@ -37,8 +37,6 @@ class Selection:
     seq_len: S.
     segment: 0 (one column list per head, as above) or n > 0: cols (B, Hq, NSEG, C) and ncols
             (B, Hq, NSEG) with NSEG = ceil(S / n), one list per segment of n query rows.
-    tail:   the last `tail` query rows keep every causal entry (0: none), whatever the window
-            and columns say.
     """
 
     window: torch.Tensor
@@ -46,7 +44,6 @@ class Selection:
     ncols: torch.Tensor
     seq_len: int
     segment: int = 0
-    tail: int = 0
 
     @property
     def segments(self) -> int:
@@ -88,18 +85,7 @@ class Selection:
         s1 = (s0 + n).clamp(max=S)
         first = torch.maximum(cols.to(torch.float64) + w[..., None, None], s0)
         rows = (s1 - first).clamp(min=0)
-        kept = band + (rows * valid).sum((-1, -2))
-        T = min(self.tail, S)
-        if T <= 0:
-            return kept
-        # the tail rows i keep i + 1 entries instead of their band and columns
-        i = torch.arange(S - T, S, device=cols.device)
-        reach = i.to(torch.float64) - w[..., None]  # (B, Hq, T): columns j <= i - w
-        tcols = cols[:, :, i // n].to(torch.float64)  # (B, Hq, T, C)
-        tvalid = valid[:, :, i // n]
-        by_cols = ((tcols <= reach[..., None]) & tvalid).sum(-1)
-        by_band = torch.minimum(w[..., None], i.to(torch.float64) + 1)
-        return kept - (by_band + by_cols).sum(-1) + float((i + 1).sum())
+        return band + (rows * valid).sum((-1, -2))
 
     def density(self) -> torch.Tensor:
         """(B, Hq) float64: kept entries / causal entries S(S+1)/2."""
@@ -122,7 +108,7 @@ def selection_mask(sel: Selection) -> torch.Tensor:
     idx = torch.where(valid, cols.to(torch.int64), torch.full_like(cols, S, dtype=torch.int64))
     colmark.scatter_(-1, idx, True)
     rowmark = colmark[:, :, torch.arange(S, device=dev) // sel.segment_rows(), :S]  # (B, H, S, S)
-    return band | (rowmark & (j <= i - w)) | ((i >= S - sel.tail) & (j <= i))
+    return band | (rowmark & (j <= i - w))
 
 
 def fraction_to_tokens(fraction: float, seq_len: int) -> int:

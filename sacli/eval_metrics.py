@@ -25,13 +25,11 @@ class HeadSelection:
     cols: 1-D int64 tensor of selected key columns (any order; entries >= S are ignored), or for
           a segmented selection (segment > 0) a 2-D (NSEG, C) tensor: row i uses cols[i // segment].
     segment: 0, or the query rows per column list.
-    tail: the last `tail` query rows keep every causal entry.
     """
 
     window: int
     cols: torch.Tensor
     segment: int = 0
-    tail: int = 0
 
 
 @dataclass
@@ -117,22 +115,16 @@ def selection_row_mask(sel: HeadSelection, row0: int, row1: int, seq_len: int, d
         return causal.expand(row1 - row0, seq_len)
     colmark = _rows_mark(_colmark(sel, seq_len, device).bool(), sel, row0, row1)
     # a selected column inside the band is already kept, so band | column needs no disjointness fix
-    return causal & ((j > i - sel.window) | colmark | (i >= seq_len - sel.tail))
+    return causal & ((j > i - sel.window) | colmark)
 
 
 def selection_kept_entries(sel: HeadSelection, seq_len: int) -> int:
-    """Causal entries kept by one head's selection (band plus columns before the band, and
-    every entry of the tail rows)."""
+    """Causal entries kept by one head's selection (band plus columns before the band)."""
     S = seq_len
     w = min(int(sel.window), S)
     band = w * S - w * (w - 1) // 2
     if w >= S:
         return band
-    T = min(sel.tail, S)
-    if T > 0:
-        untailed = selection_kept_entries(HeadSelection(sel.window, sel.cols, sel.segment), S)
-        lost = int(selection_row_mask(HeadSelection(sel.window, sel.cols, sel.segment), S - T, S, S, torch.device("cpu")).sum())
-        return untailed - lost + T * (2 * S - T + 1) // 2
     if sel.segment:
         mark = _colmark(sel, S, torch.device("cpu")).bool()  # (NSEG, S)
         s0 = torch.arange(mark.shape[0])[:, None] * sel.segment
@@ -197,9 +189,6 @@ def head_fidelity(
                 continue
             kept = probs * _rows_mark(mark, sel, r0, r1)[:, :r1]
             _band_restore(kept, probs, r0, int(sel.window))
-            if r1 > S - sel.tail:  # tail rows keep everything
-                t0 = max(r0, S - sel.tail)
-                kept[t0 - r0 :] = probs[t0 - r0 :]
             m = kept.sum(-1)
             masses[n][r0:r1] = m
             out = (kept @ vf[:r1]).div_(m[:, None])

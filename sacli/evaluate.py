@@ -265,9 +265,9 @@ def measure_fidelity(
         for h in range(Hq):
             kv = h // (Hq // Hkv)
             heads = [
-                HeadSelection(int(sel.window[0, h]), sel.cols[0, h].to(torch.int64), sel.segment, sel.tail)
+                HeadSelection(int(sel.window[0, h]), sel.cols[0, h].to(torch.int64), sel.segment)
                 if sel.segment
-                else HeadSelection(int(sel.window[0, h]), sel.cols[0, h, : int(sel.ncols[0, h])].to(torch.int64), tail=sel.tail)
+                else HeadSelection(int(sel.window[0, h]), sel.cols[0, h, : int(sel.ncols[0, h])].to(torch.int64))
                 for sel in sels.values()
             ]
             # columns per list: per head, or the mean over the head's segments

@@ -208,25 +208,6 @@ def test_segments_selection_is_valid(S: int, D: int, Hq: int, Hkv: int, segment:
     _check_valid(sel, B, Hq, S, segment)
 
 
-@pytest.mark.parametrize("S, tail", [(600, 32), (20, 32)])
-def test_segments_last_rows_attend_exactly(S: int, tail: int) -> None:
-    """The selection's last exact_tail rows (the question of a chat prompt) keep every causal key,
-    and sample_attention's output there is dense attention's."""
-    from sacli.kernels import sample_attention
-
-    q, k, v = _qkv(1, 4, 2, S, 64, seed=S + tail)
-    cfg = SegmentConfig(segment=64, exact_tail=tail)
-    sel = select_segments(q, k, v, alpha=0.8, window=0.05, sample_ratio=0.1, scale=0.125, config=cfg)
-    assert sel.tail == min(tail, S)
-    rows = selection_mask(sel)[0, :, S - min(tail, S):]
-    assert bool(rows.sum(-1).eq(torch.arange(S - min(tail, S) + 1, S + 1)).all())
-    out, _ = sample_attention(q, k, v, alpha=0.8, window=0.05, sample_ratio=0.1, scale=0.125, rule="segments",
-                              segments=cfg, backend="torch")
-    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
-    T = min(tail, S)
-    assert torch.allclose(out[:, :, S - T:], dense[:, :, S - T:], atol=1e-5)
-
-
 def test_segments_reach_alpha_on_sampled_rows() -> None:
     """Without halo, value weights or sinks, every segment's sampled rows keep at least alpha of
     their attention (band plus the segment's columns) on average, with the head's window."""

@@ -9,8 +9,6 @@ input dtype, plus a small absolute slack.
 
 from __future__ import annotations
 
-import dataclasses
-
 import importlib.util
 import os
 
@@ -132,21 +130,6 @@ def test_sparse_segmented_selection_matches_reference(case, segment, merged):
     out = sparse_attention_triton(q, k, v, sel, scale, out=_poisoned((B, Hq, S, D), dtype),
                                   config={"MERGED_EDGES": merged})
     _assert_within_torch_error(out, q, k, v, selection_mask(sel), scale)
-
-
-def test_segmented_selection_tail_rows_attend_every_key_on_the_triton_backend():
-    """The backend's Triton path honours Selection.tail: the last rows' output is exact attention."""
-    from sacli.kernels.backend import sparse_attention
-
-    B, Hq, Hkv, S, D, dtype = SPARSE_CASES[1]
-    segment = 64 if interpreting() else 256
-    q, k, v = _qkv(B, Hq, Hkv, S, D, dtype, seed=S + D + 9)
-    sel = dataclasses.replace(_random_segmented_selection(B, Hq, S, segment, seed=S + 4), tail=37)
-    scale = D**-0.5
-    out = sparse_attention(q, k, v, sel, scale, backend="triton")
-    mask = selection_mask(sel)
-    assert bool(mask[..., S - 37 :, :].sum(-1).eq(torch.arange(S - 36, S + 1, device=mask.device)).all())
-    _assert_within_torch_error(out, q, k, v, mask, scale)
 
 
 @pytest.mark.parametrize("case", [SPARSE_CASES[0], SPARSE_CASES[1], SPARSE_CASES[3]])
