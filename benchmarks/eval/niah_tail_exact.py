@@ -12,7 +12,6 @@ Runs under sacli eval's deterministic mode.
 import argparse
 import os
 import sys
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
