@@ -275,7 +275,7 @@ def niah(
     books: Annotated[list[Path], typer.Argument(help="Haystack text file(s); cells cycle through them")],
     lengths: LengthsOpt = "2K,4K,8K",
     depths: Annotated[str, typer.Option("--depths", help="Needle depths in [0, 1], comma-separated")] = "0,0.25,0.5,0.75,1",
-    rule: Annotated[str, typer.Option("--rule", help="Selection rule: product, literal, residual, adaptive, segments, exact")] = "product",
+    rule: RuleOpt = [],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most answer tokens")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the needle numbers")] = 0,
     model: ModelOpt = None,
@@ -301,44 +301,47 @@ def niah(
         model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
         dense_below=dense_below, rope_scale=rope_scale, device=device, dtype=dtype, max_new_tokens=max_new_tokens, temperature=0.0,
     )
-    _check_rules([rule])
+    rules = _check_rules(rule)
     lens = ev.parse_lengths(lengths)
     deps = ev.parse_floats(depths, "--depths")
     if not deps or any(not 0.0 <= d <= 1.0 for d in deps):
         raise UsageError("--depths must be numbers in [0, 1]")
     texts = [ev.read_text(b) for b in books]
     notify, cache = _model_cache(settings, one_token=False)
-    cells = []
+    cells: dict[str, list] = {r: [] for r in rules}
     header: dict[str, Any] = {}
     n = 0
     for S in lens:
         lm = cache.get(S + max_new_tokens)
         header = ev.run_header(settings, lm.device, lm.name)
         for d in deps:
-            cell = ev.niah_cell(lm, texts[n % len(texts)], S, d, settings, rule, seed=seed * 100_003 + n)
+            # dense answers once per cell, each rule beside it
+            for r, cell in zip(rules, ev.niah_cells(lm, texts[n % len(texts)], S, d, settings, rules, seed=seed * 100_003 + n)):
+                cells[r].append(cell)
+                notify(
+                    f"{S} tokens, depth {d:.0%}, {r}: dense {'ok' if cell.dense_correct else 'miss'}, "
+                    f"sparse {'ok' if cell.sparse_correct else 'miss'}, {'same' if cell.agree else 'DIFFERENT'} answer"
+                )
             n += 1
-            cells.append(cell)
-            notify(
-                f"{S} tokens, depth {d:.0%}: dense {'ok' if cell.dense_correct else 'miss'}, "
-                f"sparse {'ok' if cell.sparse_correct else 'miss'}, {'same' if cell.agree else 'DIFFERENT'} answer"
-            )
-    summary = ev.niah_summary(cells)
-    data = ev.rounded(
-        {**header, "rule": rule, "books": [b.name for b in books], "summary": summary, "cells": [asdict(c) for c in cells]}
-    )
+    runs = [{"rule": r, "summary": ev.niah_summary(cells[r]), "cells": [asdict(c) for c in cells[r]]} for r in rules]
     if out is not None:
-        png = out.with_suffix(".png")
-        ev.niah_heatmap(cells, png, f"needle in a haystack, rule {rule}, alpha {settings.alpha}")
-        data["png"] = png.name
+        for r, run in zip(rules, runs):
+            png = out.with_name(f"{out.stem}_{r}.png")
+            ev.niah_heatmap(cells[r], png, f"needle in a haystack, rule {r}, alpha {settings.alpha}")
+            run["png"] = png.name
+    data = ev.rounded({**header, "books": [b.name for b in books], "runs": runs})
+    if out is not None:
         ev.write_json(out, data)
     if as_json:
         render.print_json(data)
         return
-    table = Table(title=f"needle in a haystack ({rule}): sparse vs dense greedy answers")
-    for col in ("cells", "answers equal", "same retrieval", "dense correct", "sparse correct", "density"):
+    table = Table(title="needle in a haystack: sparse vs dense greedy answers")
+    for col in ("rule", "cells", "answers equal", "same retrieval", "dense correct", "sparse correct", "density"):
         table.add_column(col, justify="right")
-    table.add_row(
-        str(summary["cells"]), _pct(summary["agreement"]), _pct(summary["retrieval_agreement"]),
-        _pct(summary["dense_accuracy"]), _pct(summary["sparse_accuracy"]), _pct(summary["density_mean"]),
-    )
+    for run in runs:
+        s = run["summary"]
+        table.add_row(
+            run["rule"], str(s["cells"]), _pct(s["agreement"]), _pct(s["retrieval_agreement"]),
+            _pct(s["dense_accuracy"]), _pct(s["sparse_accuracy"]), _pct(s["density_mean"]),
+        )
     _stdout_table(table)

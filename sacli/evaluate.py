@@ -468,26 +468,31 @@ def niah_prompt(tok: Any, book: str, length: int, depth: float, settings: Settin
     return build_prompt(tok, [TextDocument("haystack.txt", text)], QUESTION, system=settings.system)
 
 
-def niah_cell(lm: Any, book: str, length: int, depth: float, settings: Settings, rule: str, seed: int) -> NiahCell:
-    """One grid cell: a prompt of about `length` tokens with the needle at `depth`."""
+def niah_cells(lm: Any, book: str, length: int, depth: float, settings: Settings, rules: Sequence[str],
+               seed: int) -> list[NiahCell]:
+    """One grid cell, a prompt of about `length` tokens with the needle at `depth`: dense's answer
+    once, then one NiahCell per rule."""
     from sacli.eval_niah import answer_correct, make_needle
 
     needle = make_needle(seed)
     prompt = niah_prompt(lm.tokenizer, book, length, depth, settings, seed)
-    dense_answer, _ = _answer(lm, prompt.ids, settings, rule, dense=True)
-    sparse_answer, density = _answer(lm, prompt.ids, settings, rule, dense=False)
-    return NiahCell(
-        length=length,
-        prompt_tokens=prompt.length,
-        depth=depth,
-        number=needle.number,
-        dense_answer=dense_answer,
-        sparse_answer=sparse_answer,
-        dense_correct=answer_correct(dense_answer, needle),
-        sparse_correct=answer_correct(sparse_answer, needle),
-        agree=dense_answer == sparse_answer,
-        density=density,
-    )
+    dense_answer, _ = _answer(lm, prompt.ids, settings, "product", dense=True)
+    cells = []
+    for rule in rules:
+        sparse_answer, density = _answer(lm, prompt.ids, settings, rule, dense=False)
+        cells.append(NiahCell(
+            length=length,
+            prompt_tokens=prompt.length,
+            depth=depth,
+            number=needle.number,
+            dense_answer=dense_answer,
+            sparse_answer=sparse_answer,
+            dense_correct=answer_correct(dense_answer, needle),
+            sparse_correct=answer_correct(sparse_answer, needle),
+            agree=dense_answer == sparse_answer,
+            density=density,
+        ))
+    return cells
 
 
 def niah_heatmap(cells: Sequence[NiahCell], path: Path, title: str) -> None:

@@ -132,18 +132,25 @@ def test_ppl_product_table(tiny_model: Path, env: Path) -> None:
 def test_niah_grid(tiny_model: Path, env: Path, tmp_path: Path) -> None:
     out = tmp_path / "niah.json"
     args = ["niah", str(env), "--model", str(tiny_model), "--lengths", "200,300", "--depths", "0,1"]
-    args += ["-n", "4", "--out", str(out), *COMMON]
+    args += ["-n", "4", "--rule", "product", "--rule", "exact", "--out", str(out), *COMMON]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    summary, cells = data["summary"], data["cells"]
-    assert summary["cells"] == 4
-    assert summary["retrieval_agreement"] == sum(c["dense_correct"] == c["sparse_correct"] for c in cells) / 4
-    assert summary["agreement"] <= summary["retrieval_agreement"]
-    assert {(c["length"], c["depth"]) for c in data["cells"]} == {(200, 0.0), (200, 1.0), (300, 0.0), (300, 1.0)}
-    for c in data["cells"]:
-        assert abs(c["prompt_tokens"] - c["length"]) <= 8
-    assert (tmp_path / "niah.png").stat().st_size > 0
+    assert [r["rule"] for r in data["runs"]] == ["product", "exact"]
+    for run in data["runs"]:
+        summary, cells = run["summary"], run["cells"]
+        assert summary["cells"] == 4
+        assert summary["retrieval_agreement"] == sum(c["dense_correct"] == c["sparse_correct"] for c in cells) / 4
+        assert summary["agreement"] <= summary["retrieval_agreement"]
+        assert {(c["length"], c["depth"]) for c in cells} == {(200, 0.0), (200, 1.0), (300, 0.0), (300, 1.0)}
+        for c in cells:
+            assert abs(c["prompt_tokens"] - c["length"]) <= 8
+        assert (tmp_path / run["png"]).stat().st_size > 0
+    # dense answers once per cell: every rule is compared with the same answer
+    dense = [[c["dense_answer"] for c in run["cells"]] for run in data["runs"]]
+    assert dense[0] == dense[1]
+    assert data["runs"][1]["summary"]["density_mean"] == 1.0
+    assert "exact" in result.stdout and "product" in result.stdout
 
 
 def test_bad_inputs_raise_domain_errors(tiny_model: Path, env: Path, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def main() -> None:
     lm = cache.get(args.length + settings.max_new_tokens)
     runs = []
     for n in (int(x) for x in args.cells.split(",")):
-        cell = ev.niah_cell(lm, book, args.length, DEPTHS[n % 5], settings, args.rule, seed=n)
+        cell = ev.niah_cells(lm, book, args.length, DEPTHS[n % 5], settings, [args.rule], seed=n)[0]
         runs.append({"cell": n, "depth": cell.depth, "number": cell.number, "dense": cell.dense_answer,
                      "sparse": cell.sparse_answer})
         print(runs[-1], flush=True)
