@@ -19,12 +19,15 @@
 #   pack        tar every result under $OUT into $OUT/results.tar.gz (one archive to copy back)
 # Environment: OUT (results), LENGTHS (default 8K..128K), BENCH_TEXT (a long book),
 # FLEX_LENGTHS (lengths at which FlexAttention is timed; default all); for the eval stages
-# EVAL_RULES (default "product adaptive literal"), EVAL_ARGS (more options, e.g. "--alpha 0.98")
+# EVAL_RULES (default "product adaptive literal"), NIAH_RULES (default "product"; e.g. "exact product"),
+# EVAL_ARGS (more options, e.g. "--alpha 0.98")
 # and EVAL_TAG (a suffix of the result files).
 set -uo pipefail
 EVAL_RULES="${EVAL_RULES:-product adaptive literal}"
 RULE_ARGS=""
 for r in $EVAL_RULES; do RULE_ARGS="$RULE_ARGS --rule $r"; done
+NIAH_RULE_ARGS=""
+for r in ${NIAH_RULES:-product}; do NIAH_RULE_ARGS="$NIAH_RULE_ARGS --rule $r"; done
 EVAL_ARGS="${EVAL_ARGS:-}"
 TAG="${EVAL_TAG:-}"
 export PYTHONUNBUFFERED=1
@@ -76,7 +79,7 @@ for stage in "$@"; do
         --dense-below 0 $RULE_ARGS $EVAL_ARGS --out "$OUT/eval/ppl$TAG.json" ;;
     niah)
       run python3 -m sacli eval niah "${NIAH_TEXT:-$BENCH_TEXT}" --lengths "${NIAH_LENGTHS:-4K,8K,16K}" \
-        --depths "${NIAH_DEPTHS:-0.1,0.3,0.5,0.7,0.9}" --rope-scale yarn --dense-below 0 ${NIAH_RULE:+--rule $NIAH_RULE} \
+        --depths "${NIAH_DEPTHS:-0.1,0.3,0.5,0.7,0.9}" --rope-scale yarn --dense-below 0 $NIAH_RULE_ARGS \
         $EVAL_ARGS --out "$OUT/eval/niah$TAG.json" ;;
     summarize)
       # forced sparse (dense_below 0): at 16K the automatic routing would choose dense for this model
