@@ -477,6 +477,7 @@ def niah_cells(lm: Any, book: str, length: int, depth: float, settings: Settings
     needle = make_needle(seed)
     prompt = niah_prompt(lm.tokenizer, book, length, depth, settings, seed)
     dense_answer, _ = _answer(lm, prompt.ids, settings, "product", dense=True)
+    dense_correct = answer_correct(dense_answer, needle)
     cells = []
     for rule in rules:
         sparse_answer, density = _answer(lm, prompt.ids, settings, rule, dense=False)
@@ -487,7 +488,7 @@ def niah_cells(lm: Any, book: str, length: int, depth: float, settings: Settings
             number=needle.number,
             dense_answer=dense_answer,
             sparse_answer=sparse_answer,
-            dense_correct=answer_correct(dense_answer, needle),
+            dense_correct=dense_correct,
             sparse_correct=answer_correct(sparse_answer, needle),
             agree=dense_answer == sparse_answer,
             density=density,

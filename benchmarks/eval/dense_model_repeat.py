@@ -22,11 +22,10 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import torch  # noqa: E402
 
 import sacli.evaluate as ev  # noqa: E402
-from sacli.config import load_settings  # noqa: E402
 from sacli.models.attention import sparse_context  # noqa: E402
 from sacli.models.generate import decoder_layers  # noqa: E402
 
-DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
+from niah_dense_repeat import DEPTHS, grid_settings  # noqa: E402  (this folder)
 
 
 def digest(t: torch.Tensor) -> str:
@@ -42,8 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = os.environ.get("DEVICE", "cpu")
-    settings = load_settings({"device": device, "dtype": "auto", "rope_scale": "yarn", "dense_below": 0,
-                              "max_new_tokens": 32, "temperature": 0.0, "dense": True}, environ={})
+    settings = grid_settings(device, dense=True)
     cache = ev.ModelCache(settings, lambda m: print(m, file=sys.stderr))
     book = ev.read_text(Path(os.environ.get("TEXT", "../shared/books/moby_dick_2701.txt")))
     lm = cache.get(args.length + settings.max_new_tokens)

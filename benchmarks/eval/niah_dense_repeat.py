@@ -18,24 +18,38 @@ from pathlib import Path
 import torch
 
 import sacli.evaluate as ev
-from sacli.config import load_settings
+from sacli.config import Settings, load_settings
 
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
+
+
+def add_rule_arguments(ap: argparse.ArgumentParser, alpha: float) -> None:
+    """The sparse rule's options shared by the needle-cell scripts."""
+    ap.add_argument("--rule", default="segments")
+    ap.add_argument("--alpha", type=float, default=alpha)
+    ap.add_argument("--sample-ratio", type=float, default=0.5)
+    ap.add_argument("--sampled-levels", type=int, default=1)
+
+
+def rule_knobs(args: argparse.Namespace) -> dict:
+    return {"alpha": args.alpha, "sample_ratio": args.sample_ratio, "sampled_levels": args.sampled_levels}
+
+
+def grid_settings(device: str, **knobs) -> Settings:
+    """Settings as `sacli eval niah` runs a cell: YaRN, sparse at every length, greedy answers of
+    up to 32 tokens; knobs override."""
+    return load_settings({"device": device, "dtype": "auto", "rope_scale": "yarn", "dense_below": 0, "max_new_tokens": 32,
+                          "temperature": 0.0, **knobs}, environ={})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("length", type=int)
     ap.add_argument("cells", help="grid indices, comma-separated, in run order")
-    ap.add_argument("--rule", default="segments")
-    ap.add_argument("--alpha", type=float, default=0.965)
-    ap.add_argument("--sample-ratio", type=float, default=0.5)
-    ap.add_argument("--sampled-levels", type=int, default=1)
+    add_rule_arguments(ap, alpha=0.965)
     args = ap.parse_args()
     device = os.environ.get("DEVICE", "cpu")
-    settings = load_settings({"device": device, "dtype": "auto", "rope_scale": "yarn", "dense_below": 0, "max_new_tokens": 32,
-                              "temperature": 0.0, "alpha": args.alpha, "sample_ratio": args.sample_ratio,
-                              "sampled_levels": args.sampled_levels}, environ={})
+    settings = grid_settings(device, **rule_knobs(args))
     cache = ev.ModelCache(settings, lambda m: print(m, file=sys.stderr))
     text = Path(os.environ.get("TEXT", "../shared/books/moby_dick_2701.txt"))
     book = ev.read_text(text)

@@ -20,9 +20,7 @@ import torch.nn.functional as F
 
 import sacli.evaluate as ev
 import sacli.kernels
-from sacli.config import load_settings
-
-DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
+from niah_dense_repeat import DEPTHS, add_rule_arguments, grid_settings, rule_knobs  # this folder
 
 
 def with_exact_tail(sparse_attention, tail: int):
@@ -47,15 +45,10 @@ def main() -> None:
     ap.add_argument("length", type=int)
     ap.add_argument("cells", help="grid indices, comma-separated")
     ap.add_argument("--tails", default="0,32,128")
-    ap.add_argument("--rule", default="segments")
-    ap.add_argument("--alpha", type=float, default=0.9625)
-    ap.add_argument("--sample-ratio", type=float, default=0.5)
-    ap.add_argument("--sampled-levels", type=int, default=1)
+    add_rule_arguments(ap, alpha=0.9625)
     args = ap.parse_args()
     device = os.environ.get("DEVICE", "cpu")
-    settings = load_settings({"device": device, "dtype": "auto", "rope_scale": "yarn", "dense_below": 0, "max_new_tokens": 32,
-                              "temperature": 0.0, "alpha": args.alpha, "sample_ratio": args.sample_ratio,
-                              "sampled_levels": args.sampled_levels}, environ={})
+    settings = grid_settings(device, **rule_knobs(args))
     text = Path(os.environ.get("TEXT", "../shared/books/moby_dick_2701.txt"))
     book = ev.read_text(text)
     original = sacli.kernels.sparse_attention
