@@ -278,6 +278,8 @@ def niah(
     rule: RuleOpt = [],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most answer tokens")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the needle numbers")] = 0,
+    trials: Annotated[int, typer.Option(
+        "--trials", help="Needles per cell: trial t uses the needles of --seed SEED+t; the summary pools them")] = 1,
     model: ModelOpt = None,
     alpha: AlphaOpt = None,
     window: WindowOpt = None,
@@ -293,7 +295,7 @@ def niah(
 ) -> None:
     """Needle in a haystack over lengths x depths: greedy answers dense vs sparse, and retrieval."""
     _set_verbose(verbose)
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from sacli import evaluate as ev
 
@@ -306,6 +308,8 @@ def niah(
     deps = ev.parse_floats(depths, "--depths")
     if not deps or any(not 0.0 <= d <= 1.0 for d in deps):
         raise UsageError("--depths must be numbers in [0, 1]")
+    if trials < 1:
+        raise UsageError(f"--trials must be at least 1, got {trials}")
     texts = [ev.read_text(b) for b in books]
     notify, cache = _model_cache(settings, one_token=False)
     cells: dict[str, list] = {r: [] for r in rules}
@@ -315,13 +319,16 @@ def niah(
         lm = cache.get(S + max_new_tokens)
         header = ev.run_header(settings, lm.device, lm.name)
         for d in deps:
-            # dense answers once per cell, each rule beside it
-            for r, cell in zip(rules, ev.niah_cells(lm, texts[n % len(texts)], S, d, settings, rules, seed=seed * 100_003 + n)):
-                cells[r].append(cell)
-                notify(
-                    f"{S} tokens, depth {d:.0%}, {r}: dense {'ok' if cell.dense_correct else 'miss'}, "
-                    f"sparse {'ok' if cell.sparse_correct else 'miss'}, {'same' if cell.agree else 'DIFFERENT'} answer"
-                )
+            # trial t holds the needles a separate run with --seed seed + t would use;
+            # dense answers once per cell and trial, each rule beside it
+            for t in range(seed, seed + trials):
+                trial = f", seed {t}" if trials > 1 else ""
+                for r, cell in zip(rules, ev.niah_cells(lm, texts[n % len(texts)], S, d, settings, rules, seed=t * 100_003 + n)):
+                    cells[r].append(replace(cell, seed=t))
+                    notify(
+                        f"{S} tokens, depth {d:.0%}{trial}, {r}: dense {'ok' if cell.dense_correct else 'miss'}, "
+                        f"sparse {'ok' if cell.sparse_correct else 'miss'}, {'same' if cell.agree else 'DIFFERENT'} answer"
+                    )
             n += 1
     runs = [{"rule": r, "summary": ev.niah_summary(cells[r]), "cells": [asdict(c) for c in cells[r]]} for r in rules]
     if out is not None:

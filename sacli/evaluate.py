@@ -425,6 +425,7 @@ class NiahCell:
     sparse_correct: bool
     agree: bool
     density: float
+    seed: int = 0  # the needle set (`sacli eval niah --seed`) this cell's number comes from
 
 
 def niah_summary(cells: Sequence[NiahCell]) -> dict[str, Any]:
@@ -433,6 +434,7 @@ def niah_summary(cells: Sequence[NiahCell]) -> dict[str, Any]:
         return {}
     return {
         "cells": n,
+        "trials": len({c.seed for c in cells}),
         "agreement": sum(c.agree for c in cells) / n,
         # both find the needle or both miss it: answers that differ only in wording, or in
         # which wrong number they give, count here
@@ -497,7 +499,8 @@ def niah_cells(lm: Any, book: str, length: int, depth: float, settings: Settings
 
 
 def niah_heatmap(cells: Sequence[NiahCell], path: Path, title: str) -> None:
-    """PNG: lengths x depths grids of dense retrieval, sparse retrieval and agreement."""
+    """PNG: lengths x depths grids of dense retrieval, sparse retrieval and agreement (the share
+    of a cell's trials)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -505,12 +508,15 @@ def niah_heatmap(cells: Sequence[NiahCell], path: Path, title: str) -> None:
 
     lengths = sorted({c.length for c in cells})
     depths = sorted({c.depth for c in cells})
-    grids = {k: torch.full((len(depths), len(lengths)), float("nan")) for k in ("dense", "sparse", "agree")}
+    sums = {k: torch.zeros(len(depths), len(lengths)) for k in ("dense", "sparse", "agree")}
+    count = torch.zeros(len(depths), len(lengths))
     for c in cells:
         i, j = depths.index(c.depth), lengths.index(c.length)
-        grids["dense"][i, j] = float(c.dense_correct)
-        grids["sparse"][i, j] = float(c.sparse_correct)
-        grids["agree"][i, j] = float(c.agree)
+        sums["dense"][i, j] += float(c.dense_correct)
+        sums["sparse"][i, j] += float(c.sparse_correct)
+        sums["agree"][i, j] += float(c.agree)
+        count[i, j] += 1
+    grids = {k: torch.where(count > 0, v / count.clamp(min=1), float("nan")) for k, v in sums.items()}
     fig, axes = plt.subplots(1, 3, figsize=(3 + 1.1 * len(lengths) * 3, 1.5 + 0.4 * len(depths)))
     names = {"dense": "dense answer correct", "sparse": "sparse answer correct", "agree": "sparse == dense"}
     for ax, (key, grid) in zip(axes, grids.items()):

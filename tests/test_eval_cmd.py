@@ -153,6 +153,28 @@ def test_niah_grid(tiny_model: Path, env: Path, tmp_path: Path) -> None:
     assert "exact" in result.stdout and "product" in result.stdout
 
 
+def test_niah_trials_pool_the_runs_of_consecutive_seeds(tiny_model: Path, env: Path, tmp_path: Path) -> None:
+    def grid(out: Path, *extra: str) -> dict:
+        args = ["niah", str(env), "--model", str(tiny_model), "--lengths", "200,300", "--depths", "0.5"]
+        result = CliRunner().invoke(app, [*args, "-n", "3", "--rule", "product", "--out", str(out), *extra, *COMMON])
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())["runs"][0]
+
+    pooled = grid(tmp_path / "pooled.json", "--seed", "3", "--trials", "2")
+    apart = [grid(tmp_path / f"s{s}.json", "--seed", str(s)) for s in (3, 4)]
+    key = ("length", "number", "dense_answer", "sparse_answer", "agree")
+    # trial t holds exactly the cells of a run with --seed 3 + t
+    for t, run in enumerate(apart):
+        got = [{k: c[k] for k in key} for c in pooled["cells"] if c["seed"] == 3 + t]
+        assert got == [{k: c[k] for k in key} for c in run["cells"]]
+        assert {c["seed"] for c in run["cells"]} == {3 + t}
+    assert len({c["number"] for c in pooled["cells"]}) == 4, "every cell and trial has its own needle"
+    summary = pooled["summary"]
+    assert (summary["cells"], summary["trials"]) == (4, 2)
+    assert summary["agreement"] == sum(r["summary"]["agreement"] for r in apart) / 2
+    assert (tmp_path / pooled["png"]).stat().st_size > 0
+
+
 def test_bad_inputs_raise_domain_errors(tiny_model: Path, env: Path, tmp_path: Path) -> None:
     from sacli.errors import ContextLimitError, InputError, UsageError
 
@@ -162,6 +184,7 @@ def test_bad_inputs_raise_domain_errors(tiny_model: Path, env: Path, tmp_path: P
     assert isinstance(run("fidelity", "--rule", "nope"), UsageError)
     assert isinstance(run("ppl", "--lengths", "12x"), UsageError)
     assert isinstance(run("niah", "--depths", "0,2"), UsageError)
+    assert isinstance(run("niah", "--trials", "0"), UsageError)
     # over the trained context without --rope-scale yarn
     long_text = tmp_path / "long.txt"
     long_text.write_text(BOOK * 4, encoding="utf-8")
