@@ -69,7 +69,7 @@ def answer(lm, ids, settings, rule: str | None) -> tuple[list[int], list[torch.T
 def cells_to_check(path: Path, seed: int) -> list[tuple[int, int, dict]]:
     """(needle seed, grid index n, cell) of every cell whose answers differ."""
     data = json.loads(path.read_text())
-    run = data["runs"][0]
+    run = data["runs"][0] if "runs" in data else data  # files from before `--rule` repeated: one run
     cells = run["cells"]
     trials = len({c.get("seed", seed) for c in cells})
     return [(c.get("seed", seed), i // trials, c) for i, c in enumerate(cells) if not c["agree"]]
