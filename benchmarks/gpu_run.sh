@@ -5,8 +5,9 @@
 #   install     pip-install the carried wheels (.whl/) and this package (editable, no deps)
 #   check       benchmarks/gpu_check.py: kernel correctness on the GPU + launch-config timings
 #   synthetic   sacli bench attention --workload synthetic (8B-class shape, fixed densities)
-#   stash       copy .model_a/part.aa to /tmp (the model travels in two calls of < 64 MiB)
-#   assemble    /tmp/part.aa + .model_b/part.ab -> /tmp/model.gguf
+#   stash       copy the carried parts of the model's GGUF (.model_*/*, git-ignored folders) to
+#               /tmp/model_parts: the model travels in parts, one per call (a call carries < 64 MiB)
+#   assemble    stash, then every part in /tmp/model_parts, in name order -> /tmp/model.gguf
 #   pull        sacli pull /tmp/model.gguf (imports the default model)
 #   model       sacli bench attention --workload model on $BENCH_TEXT
 #   ttft        sacli bench ttft (default model) on $BENCH_TEXT
@@ -50,10 +51,11 @@ for stage in "$@"; do
       # a correctness failure stops the run: no benchmark numbers from a wrong kernel
       run python3 benchmarks/gpu_check.py "$OUT/gpu_check.json" "${CHECK_LENGTHS:-32768,131072}" || exit 1 ;;
     stash)
-      # first half of the model: copied to /tmp for the next call on the same (warm) machine
-      run cp .model_a/part.aa /tmp/part.aa ;;
+      # parts carried by this call, kept in /tmp for the next call on the same (warm) machine
+      run bash -c 'mkdir -p /tmp/model_parts && cp .model_*/* /tmp/model_parts/ && ls -l /tmp/model_parts' ;;
     assemble)
-      run bash -c 'cat /tmp/part.aa .model_b/part.ab > /tmp/model.gguf && sha256sum /tmp/model.gguf' || exit 1 ;;
+      run bash -c 'mkdir -p /tmp/model_parts && { ! ls .model_*/* >/dev/null 2>&1 || cp .model_*/* /tmp/model_parts/; } &&
+        cat /tmp/model_parts/* > /tmp/model.gguf && sha256sum /tmp/model.gguf' || exit 1 ;;
     synthetic)
       run python3 -m sacli.bench attention --workload synthetic --lengths "$LENGTHS" \
         ${FLEX_LENGTHS:+--flex-lengths "$FLEX_LENGTHS"} --out "$OUT/attention_synthetic.json" ;;
