@@ -9,6 +9,7 @@ PyTorch paths, `sacli eval`, `sacli bench`) samples alike. The result files reco
 command only; name them after the block.
 """
 
+import inspect
 import sys
 
 import sacli.kernels.selection as selection
@@ -17,8 +18,10 @@ import sacli.kernels.selection as selection
 def main() -> None:
     block = int(sys.argv[1])
     assert block >= 1, f"block must be >= 1, got {block}"
-    defaults = list(selection.sample_rows.__defaults__)
-    defaults[0] = block  # (block, device)
+    names = list(inspect.signature(selection.sample_rows).parameters)
+    assert names[2:] == ["block", "device"], f"sample_rows' parameters changed: {names}"
+    defaults = list(selection.sample_rows.__defaults__)  # (block, device)
+    defaults[0] = block
     selection.sample_rows.__defaults__ = tuple(defaults)
     sys.argv = ["sacli", *sys.argv[2:]]
     from sacli.cli import main as sacli_main
