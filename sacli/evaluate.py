@@ -498,14 +498,9 @@ def niah_cells(lm: Any, book: str, length: int, depth: float, settings: Settings
     return cells
 
 
-def niah_heatmap(cells: Sequence[NiahCell], path: Path, title: str) -> None:
-    """PNG: lengths x depths grids of dense retrieval, sparse retrieval and agreement (the share
-    of a cell's trials)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def niah_grids(cells: Sequence[NiahCell]) -> tuple[list[int], list[float], dict[str, torch.Tensor]]:
+    """Lengths, depths and (depths x lengths) grids of dense retrieval, sparse retrieval and
+    agreement, each the share of a cell's trials; NaN where the grid has no cell."""
     lengths = sorted({c.length for c in cells})
     depths = sorted({c.depth for c in cells})
     sums = {k: torch.zeros(len(depths), len(lengths)) for k in ("dense", "sparse", "agree")}
@@ -516,7 +511,18 @@ def niah_heatmap(cells: Sequence[NiahCell], path: Path, title: str) -> None:
         sums["sparse"][i, j] += float(c.sparse_correct)
         sums["agree"][i, j] += float(c.agree)
         count[i, j] += 1
-    grids = {k: torch.where(count > 0, v / count.clamp(min=1), float("nan")) for k, v in sums.items()}
+    return lengths, depths, {k: torch.where(count > 0, v / count.clamp(min=1), float("nan")) for k, v in sums.items()}
+
+
+def niah_heatmap(cells: Sequence[NiahCell], path: Path, title: str) -> None:
+    """PNG: lengths x depths grids of dense retrieval, sparse retrieval and agreement (the share
+    of a cell's trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, depths, grids = niah_grids(cells)
     fig, axes = plt.subplots(1, 3, figsize=(3 + 1.1 * len(lengths) * 3, 1.5 + 0.4 * len(depths)))
     names = {"dense": "dense answer correct", "sparse": "sparse answer correct", "agree": "sparse == dense"}
     for ax, (key, grid) in zip(axes, grids.items()):

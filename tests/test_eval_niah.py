@@ -69,3 +69,29 @@ def test_haystack_text_cuts_to_budget() -> None:
     assert haystack_text(_CharTokenizer(), TEXT, 20, _encode) == TEXT[:20]
     with pytest.raises(InputError):
         haystack_text(_CharTokenizer(), TEXT, len(TEXT) + 1, _encode)
+
+
+def test_niah_grids_average_the_trials_of_each_cell() -> None:
+    import math
+
+    from sacli.evaluate import NiahCell, niah_grids
+
+    def cell(length: int, depth: float, seed: int, dense: bool, sparse: bool) -> NiahCell:
+        answer = "7" if dense else "1"
+        return NiahCell(length=length, prompt_tokens=length, depth=depth, number="7", dense_answer=answer,
+                        sparse_answer="7" if sparse else "1", dense_correct=dense, sparse_correct=sparse,
+                        agree=dense == sparse, density=0.5, seed=seed)
+
+    cells = [
+        cell(200, 0.5, 0, True, True), cell(200, 0.5, 1, True, False), cell(200, 0.5, 2, False, False),
+        cell(300, 0.1, 0, True, False),  # (200, 0.1) and (300, 0.5) have no cell
+    ]
+    lengths, depths, grids = niah_grids(cells)
+    assert (lengths, depths) == ([200, 300], [0.1, 0.5])
+    # rows are depths, columns lengths
+    assert grids["dense"][1, 0].item() == pytest.approx(2 / 3)
+    assert grids["sparse"][1, 0].item() == pytest.approx(1 / 3)
+    assert grids["agree"][1, 0].item() == pytest.approx(2 / 3)
+    assert (grids["dense"][0, 1].item(), grids["sparse"][0, 1].item(), grids["agree"][0, 1].item()) == (1.0, 0.0, 0.0)
+    for key in grids:
+        assert math.isnan(grids[key][0, 0].item()) and math.isnan(grids[key][1, 1].item())
