@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()[:16]
+def digest(t: torch.Tensor, chars: int = 16) -> str:
+    """The first `chars` hex digits of the SHA-256 of the tensor's bytes."""
+    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()[:chars]
 
 
 def main() -> None:

@@ -12,10 +12,8 @@ gives (16K at depth 0.5 is 17); its depth is DEPTHS[n % 5].
 import argparse
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 import sacli.evaluate as ev
 from sacli.config import Settings, load_settings
@@ -61,10 +59,8 @@ def main() -> None:
                      "sparse": cell.sparse_answer})
         print(runs[-1], flush=True)
     if os.environ.get("OUT"):
-        dev = torch.device("cuda" if device == "cuda" else "cpu")
-        ev.write_json(Path(os.environ["OUT"]), {
-            "command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": ev.device_description(dev), "torch": torch.__version__, "text": text.name, "runs": runs})
+        ev.write_json(Path(os.environ["OUT"]), {**ev.run_header(settings, lm.device, lm.name), "rule": args.rule,
+                                                "text": text.name, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -85,6 +84,7 @@ def main() -> None:
     cache = ev.ModelCache(settings, lambda m: print(m, file=sys.stderr))
     results = []
     with ev.deterministic():
+        header = ev.run_header(settings, torch.device("cuda" if device == "cuda" else "cpu"), settings.model)
         for spec in args.runs:
             file, seed, book_path = spec.split(":")
             book = ev.read_text(Path(book_path))
@@ -95,7 +95,8 @@ def main() -> None:
                 d_tok, d_log = answer(lm, prompt.ids, settings, None)
                 s_tok, s_log = answer(lm, prompt.ids, settings, args.rule)
                 k = next((i for i, (a, b) in enumerate(zip(d_tok, s_tok)) if a != b), None)
-                gaps = [float(x.topk(2).values[0] - x.topk(2).values[1]) for i, x in enumerate(d_log) if i != k]
+                top2 = [x.topk(2).values for i, x in enumerate(d_log) if i != k]
+                gaps = [float(v[0] - v[1]) for v in top2]
                 row = {
                     "file": Path(file).name, "length": S, "depth": cell["depth"], "seed": needle_seed,
                     "dense_reproduced": decode(lm, d_tok) == cell["dense_answer"],
@@ -110,11 +111,7 @@ def main() -> None:
                 results.append(row)
                 print(row, flush=True)
     if os.environ.get("OUT"):
-        dev = torch.device("cuda" if device == "cuda" else "cpu")
-        ev.write_json(Path(os.environ["OUT"]), {
-            "command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": ev.device_description(dev), "torch": torch.__version__, "rule": args.rule,
-            "knobs": rule_knobs(args), "cells": results})
+        ev.write_json(Path(os.environ["OUT"]), {**header, "rule": args.rule, "cells": results})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Runs under sacli eval's deterministic mode.
 import argparse
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -55,6 +54,7 @@ def main() -> None:
     runs = []
     with ev.deterministic():
         lm = ev.ModelCache(settings, lambda m: print(m, file=sys.stderr)).get(args.length + settings.max_new_tokens)
+        header = ev.run_header(settings, lm.device, lm.name)
         for n in (int(x) for x in args.cells.split(",")):
             prompt = ev.niah_prompt(lm.tokenizer, book, args.length, DEPTHS[n % 5], settings, seed=n)
             dense, _ = ev._answer(lm, prompt.ids, settings, args.rule, dense=True)
@@ -68,11 +68,8 @@ def main() -> None:
             runs.append(row)
             print(row, flush=True)
     if os.environ.get("OUT"):
-        ev.write_json(Path(os.environ["OUT"]), {
-            "command": " ".join(["python3"] + sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": ev.device_description(torch.device(device)), "torch": torch.__version__, "text": text.name,
-            "settings": {"rule": args.rule, "alpha": args.alpha, "sample_ratio": args.sample_ratio,
-                         "sampled_levels": args.sampled_levels}, "runs": runs})
+        ev.write_json(Path(os.environ["OUT"]), {**header, "rule": args.rule,
+                                                "text": text.name, "runs": runs})
 
 
 if __name__ == "__main__":
