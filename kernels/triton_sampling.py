@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import tuning
 from .triton_common import (
     check_qkv,
     descriptor_rows_hook,
@@ -395,8 +396,9 @@ def column_scores_triton(
     )
     grid1 = (B * Hq, n_chunk, n_split)
     if tuned:
-        _row_stats_tuned[grid1](
-            *args1, HEAD_DIM=D, BLOCK_R=block_r1, UPCAST=upcast, PREC=precision, SPLIT=n_split > 1, TMA=tma
+        tuning.launch(
+            _row_stats_tuned, grid1, *args1, device=q.device,
+            HEAD_DIM=D, BLOCK_R=block_r1, UPCAST=upcast, PREC=precision, SPLIT=n_split > 1, TMA=tma,
         )
     else:
         _row_stats[grid1](
@@ -425,7 +427,8 @@ def column_scores_triton(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), s_bucket,
     )
     if tuned:
-        _col_scores_tuned[(B * Hq, n_cblk)](*args2, HEAD_DIM=D, BLOCK_N=block_n2, BLOCK_R=block_r2, UPCAST=upcast, PREC=precision)
+        tuning.launch(_col_scores_tuned, (B * Hq, n_cblk), *args2, device=q.device,
+                      HEAD_DIM=D, BLOCK_N=block_n2, BLOCK_R=block_r2, UPCAST=upcast, PREC=precision)
     else:
         _col_scores[(B * Hq, n_cblk)](
             *args2, HEAD_DIM=D, BLOCK_N=block_n2, BLOCK_R=block_r2, UPCAST=upcast, PREC=precision,

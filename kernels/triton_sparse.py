@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import tuning
 from .selection import Selection
 from .triton_common import (
     check_qkv,
@@ -465,8 +466,9 @@ def sparse_attention_triton(
             UPCAST=upcast, PREC=precision, TMA=tma, PACKED=packed, MERGED_EDGES=merged, **launch,
         )
     else:
-        _sparse_attn_fwd_tuned[lambda meta: (B * Hq, triton.cdiv(S, meta["BLOCK_M"]))](
-            *args, S_BUCKET=max(S - 1, 1).bit_length(), HEAD_DIM=D, COUNT_BLOCK=cb,
+        tuning.launch(
+            _sparse_attn_fwd_tuned, lambda meta: (B * Hq, triton.cdiv(S, meta["BLOCK_M"])), *args, device=q.device,
+            S_BUCKET=max(S - 1, 1).bit_length(), HEAD_DIM=D, COUNT_BLOCK=cb,
             UPCAST=upcast, PREC=precision, TMA=tma, PACKED=packed, MERGED_EDGES=merged,
         )
     return out

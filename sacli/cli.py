@@ -116,6 +116,20 @@ def _root(
     ] = None,
 ) -> None:
     """Ask questions about long documents with a local LLM (SampleAttention sparse prefill)."""
+    _keep_autotuning()
+
+
+def _keep_autotuning() -> None:
+    """Keep the GPU kernels' autotuning choices in $SACLI_HOME/autotune.json (kernels/tuning.py),
+    or in $SACLI_AUTOTUNE_FILE; that variable set to "" or "none" keeps them in memory only."""
+    from sacli.kernels import tuning
+    from sacli.models.registry import sacli_home
+
+    env = os.environ.get("SACLI_AUTOTUNE_FILE")
+    if env is None:
+        tuning.use_file(sacli_home() / "autotune.json")
+    else:
+        tuning.use_file(None if env.strip().lower() in ("", "none") else os.path.expanduser(env))
 
 
 def _notifier(console: Console) -> Callable[[str], None]:

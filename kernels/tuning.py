@@ -1,0 +1,135 @@
+"""Autotuning choices kept in a file, so that a new process does not autotune again.
+
+Triton's autotuner times every config of a kernel the first time a process launches it for a
+key (length bucket, head dim, dtypes, ...). Its own on-disk record of those timings skips
+kernels whose configs have pre-launch hooks, and ours have them (they set the tile rows of the
+host-made tensor descriptors). So every new `sacli` process timed every config again, seconds
+that a user waits for the first token of every `sacli ask`.
+
+`use_file(path)` names a JSON file; `launch(tuner, grid, ...)` then fills the tuner's in-memory
+choices from it before launching and writes new ones back after. An entry is found again only
+for the same kernel source, config list, GPU, and Triton / PyTorch / CUDA versions; anything
+else (a missing or unreadable file included) falls back to timing, as before. Writes replace
+the file atomically after merging with what other processes wrote meanwhile. Without a file
+(the default, e.g. for library use and the tests' kernels) nothing is read or written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+
+_path: Path | None = None
+_store: dict[str, dict[str, str]] | None = None  # context -> {key as JSON: config as str}
+_seen: dict[tuple[int, str], int] = {}  # (id(tuner), context) -> size of tuner.cache when last synced
+_contexts: dict[tuple[int, torch.device], str] = {}
+
+
+def use_file(path: Path | str | None) -> None:
+    """Keep choices in `path` from now on (None: in memory only, Triton's default)."""
+    global _path, _store
+    _path = Path(path) if path is not None else None
+    _store = None
+    _seen.clear()
+    _contexts.clear()
+
+
+def current_file() -> Path | None:
+    return _path
+
+
+def _load() -> dict[str, dict[str, str]]:
+    assert _path is not None
+    try:
+        data = json.loads(_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("choices"), dict):
+        return {}
+    return {c: dict(e) for c, e in data["choices"].items() if isinstance(e, dict)}
+
+
+def _source_digest(tuner: Any) -> str:
+    key = getattr(tuner.fn, "cache_key", None)  # a JITFunction's: its source and its callees'
+    if key is None:  # the interpreter's functions have none
+        key = hashlib.sha256(inspect.getsource(tuner.base_fn).encode()).hexdigest()
+    return str(key)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} sm{major}{minor} cuda {torch.version.cuda}"
+
+
+def context(tuner: Any, device: torch.device) -> str:
+    """What a stored choice is valid for: kernel, its source, its configs, GPU and versions."""
+    import triton
+
+    configs = hashlib.sha256("\n".join(str(c) for c in tuner.configs).encode()).hexdigest()[:16]
+    return " | ".join((
+        tuner.base_fn.__name__, _source_digest(tuner)[:16], configs, _device_name(device),
+        f"triton {triton.__version__}", f"torch {torch.__version__}",
+    ))
+
+
+def _plain(key: tuple) -> bool:
+    return all(isinstance(x, (bool, int, float, str)) or x is None for x in key)
+
+
+def _restore(tuner: Any, ctx: str) -> None:
+    global _store
+    if _store is None:
+        _store = _load()
+    by_str = {str(c): c for c in tuner.configs}
+    for key_json, config in _store.get(ctx, {}).items():
+        try:
+            key = tuple(json.loads(key_json))
+        except ValueError:
+            continue
+        if config in by_str:
+            tuner.cache.setdefault(key, by_str[config])
+    _seen[id(tuner), ctx] = len(tuner.cache)
+
+
+def _save(tuner: Any, ctx: str) -> None:
+    assert _path is not None and _store is not None
+    new = {json.dumps(list(k)): str(c) for k, c in tuner.cache.items() if _plain(k)}
+    merged = _load()  # other processes may have written since
+    merged.setdefault(ctx, {}).update(new)
+    _store.setdefault(ctx, {}).update(new)
+    try:
+        _path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=_path.parent, prefix=_path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": FORMAT, "choices": merged}, f, indent=1, sort_keys=True)
+        os.replace(tmp, _path)
+    except OSError:
+        pass  # a read-only home only costs the timing next time
+    _seen[id(tuner), ctx] = len(tuner.cache)
+
+
+def launch(tuner: Any, grid: Any, *args: Any, device: torch.device, **kwargs: Any) -> Any:
+    """tuner[grid](*args, **kwargs), with its choices read from and written to the file."""
+    if _path is None:
+        return tuner[grid](*args, **kwargs)
+    ctx = _contexts.get((id(tuner), device))
+    if ctx is None:
+        ctx = _contexts[id(tuner), device] = context(tuner, device)
+    if (id(tuner), ctx) not in _seen:
+        _restore(tuner, ctx)
+    result = tuner[grid](*args, **kwargs)
+    if len(tuner.cache) != _seen[id(tuner), ctx]:
+        _save(tuner, ctx)
+    return result
