@@ -12,7 +12,13 @@ after the other and records their TTFT and wall time:
   untuned     a process with SACLI_AUTOTUNE_FILE=none: compiled kernels, autotunes again
               (what every later process paid before the choices were kept)
   kept_again  `kept` repeated (run-to-run spread)
+  no_warmup   as `kept`, with SACLI_KERNEL_WARMUP=0: the kernels are readied inside the prefill
+              instead of while the weights load (models/warmup.py)
   dense       `--dense` (dense prefill) for reference
+  kept_3, no_warmup_2, dense_2   the last three again
+
+Every process runs with warm-up unless its row says otherwise; `first` and `untuned` overlap
+their compiling / autotuning with the weights' loading.
 
 Sparse prefill is forced (--dense-below 0) so that the short prompt runs the kernels too.
 """
@@ -37,7 +43,11 @@ RUNS = (
     ("kept", {}, []),
     ("untuned", {"SACLI_AUTOTUNE_FILE": "none"}, []),
     ("kept_again", {}, []),
+    ("no_warmup", {"SACLI_KERNEL_WARMUP": "0"}, []),
     ("dense", {}, ["--dense"]),
+    ("kept_3", {}, []),
+    ("no_warmup_2", {"SACLI_KERNEL_WARMUP": "0"}, []),
+    ("dense_2", {}, ["--dense"]),
 )
 
 
@@ -66,6 +76,7 @@ def ask(source: Path, env: dict[str, str], extra: list[str], tokens: int) -> dic
     return {
         "ttft_ms": out["ttft_ms"], "wall_s": wall, "prompt_tokens": out["prompt_tokens"],
         "attention": out["attention"], "sparsity": out["sparsity"], "answer": out["answer"],
+        "layer_ms": [round(x["ms"], 2) for x in out["layers"]],
     }
 
 

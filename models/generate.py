@@ -224,6 +224,8 @@ def generate(
         try:
             _sync(device)
             t0 = time.perf_counter()
+            if lm.warmup is not None:  # what loading the weights did not hide counts here
+                lm.warmup.wait()
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             _sync(device)
             t1 = time.perf_counter()

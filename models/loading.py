@@ -18,7 +18,9 @@ import torch
 from sacli.config import Settings
 from sacli.errors import ContextLimitError, ModelError, UsageError
 from sacli.models.attention import ATTENTION_NAME, register_attention
+from sacli.models import warmup
 from sacli.models.registry import validate_model_dir
+from sacli.models.warmup import Warmup
 
 # RoPE types whose `factor` stretches the trained positions over `original_max_position_embeddings`.
 _STRETCHING_ROPE = ("yarn", "linear", "dynamic")
@@ -37,6 +39,8 @@ class LoadedModel:
     # usable context in tokens, after any RoPE scaling applied at load time
     context_limit: int
     rope_scaled: bool
+    # the sparse kernels being readied for the first prompt while the weights loaded (warmup.py)
+    warmup: Warmup | None = None
 
 
 def _load_config(path: Path) -> Any:
@@ -184,11 +188,15 @@ def float32_logits(model: torch.nn.Module) -> bool:
     return True
 
 
-def load_model(path: Path, settings: Settings, needed_tokens: int, *, tokenizer: Any = None) -> LoadedModel:
+def load_model(
+    path: Path, settings: Settings, needed_tokens: int, *, tokenizer: Any = None, prompt_tokens: int | None = None
+) -> LoadedModel:
     """Load the model at `path` for a prompt of `needed_tokens` (prompt + max new tokens).
 
     tokenizer: the model's tokenizer when the caller already loaded it (load_tokenizer(path));
     None loads it here.
+    prompt_tokens: the length of the first prompt, when known: the sparse prefill's GPU kernels
+    for it are readied while the weights load (warmup.py; `generate` waits for them).
 
     Raises ContextLimitError when the tokens do not fit and settings.rope_scale == "none"; with
     "yarn" the RoPE is stretched by factor needed / limit instead.
@@ -212,6 +220,7 @@ def load_model(path: Path, settings: Settings, needed_tokens: int, *, tokenizer:
         rope_scaled = True
 
     register_attention()
+    warm = warmup.start(settings, config, device, dtype, prompt_tokens) if prompt_tokens else None
     try:
         with no_transformers_bars():
             model = AutoModelForCausalLM.from_pretrained(
@@ -237,4 +246,5 @@ def load_model(path: Path, settings: Settings, needed_tokens: int, *, tokenizer:
         dtype=dtype,
         context_limit=limit,
         rope_scaled=rope_scaled,
+        warmup=warm,
     )

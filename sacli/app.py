@@ -107,7 +107,7 @@ class Session:
         self.last_prompt = prompt
         return prompt
 
-    def _model_for(self, needed_tokens: int) -> LoadedModel:
+    def _model_for(self, needed_tokens: int, prompt_tokens: int | None = None) -> LoadedModel:
         from sacli.models.loading import load_model
 
         if self.lm is not None and needed_tokens <= self.lm.context_limit:
@@ -117,7 +117,9 @@ class Session:
         # without YaRN, load_model refuses the prompt before loading anything: the model in use stays
         self._progress(STAGE_LOAD, 0, None)
         try:
-            self.lm = load_model(self.model_path, self.settings, needed_tokens, tokenizer=self._tokenizer)
+            self.lm = load_model(
+                self.model_path, self.settings, needed_tokens, tokenizer=self._tokenizer, prompt_tokens=prompt_tokens
+            )
         finally:
             self._progress(STAGE_LOAD, 1, 1)
         if self.lm.rope_scaled:
@@ -138,7 +140,7 @@ class Session:
         from sacli.models.generate import generate
 
         prompt = self.build_prompt(documents, question)
-        lm = self._model_for(prompt.length + self.settings.max_new_tokens)
+        lm = self._model_for(prompt.length + self.settings.max_new_tokens, prompt.length)
 
         def on_layer(done: int, total: int) -> None:
             self._progress(STAGE_PREFILL, done, total)

@@ -1,0 +1,87 @@
+"""The sparse prefill's GPU kernels made ready while the model's weights load.
+
+A new process pays, at its first sparse prefill, for what Triton does once per process:
+starting its driver, hashing its own sources for the kernel cache, loading every kernel
+(compiling and autotuning it the first time on a machine). Measured on an H100 that put
+0.9-1.2 s into the TTFT of every `sacli ask` after the first (benchmarks/raw/
+v20_process_start.json), more than the sparse prefill saves at 32K tokens.
+
+`start()` runs one sparse attention call of the prompt's length and the model's head shape on
+random data, in a thread on its own CUDA stream, while `load_model` reads the weights.
+`Warmup.wait()` (called by `generate` inside the timed prefill) joins it, so the part not
+hidden behind loading still counts in TTFT. Only the kernels are warmed: the call runs
+without CUDA graphs, and nothing of it is kept but Triton's own caches. A failure here is
+ignored: the prefill then does the same work itself, as before.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import torch
+
+from sacli.config import Settings
+
+ENV_VAR = "SACLI_KERNEL_WARMUP"  # "0": no warm-up (the prefill readies its kernels itself)
+
+
+class Warmup:
+    def __init__(self, target: Any) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(target,), name="sacli-warmup", daemon=True)
+        self._thread.start()
+
+    def _run(self, target: Any) -> None:
+        try:
+            target()
+        except Exception as exc:  # the prefill will do (and report) the same work itself
+            self.error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+
+def head_shape(config: Any) -> tuple[int, int, int]:
+    """(query heads, key-value heads, head dim) of a transformers config."""
+    hq = int(config.num_attention_heads)
+    hkv = int(getattr(config, "num_key_value_heads", None) or hq)
+    d = int(getattr(config, "head_dim", None) or config.hidden_size // hq)
+    return hq, hkv, d
+
+
+def start(settings: Settings, config: Any, device: torch.device, dtype: torch.dtype, tokens: int) -> Warmup | None:
+    """Warm the kernels a prefill of `tokens` tokens will run, or None when it runs none of
+    them (CPU, dense, a rule whose stage 1 is PyTorch, a prompt routed to dense) or
+    $SACLI_KERNEL_WARMUP is 0."""
+    from sacli.kernels.api import CUDA_CROSSOVER
+    from sacli.kernels.backend import triton_available
+
+    if os.environ.get(ENV_VAR, "1").strip() == "0":
+        return None
+    threshold = settings.dense_below if settings.dense_below >= 0 else CUDA_CROSSOVER
+    if device.type != "cuda" or settings.dense or settings.rule != "sample" or tokens < max(threshold, 2):
+        return None
+    if not triton_available():
+        return None
+    hq, hkv, d = head_shape(config)
+
+    def run() -> None:
+        from sacli.kernels import sample_attention
+
+        torch.cuda.set_device(device)
+        stream = torch.cuda.Stream(device)
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            # the layouts the model passes: queries a view of the projection's (B, S, H, D)
+            # output, keys and values contiguous (B, H, S, D) from the cache
+            q = torch.randn(1, tokens, hq, d, device=device, dtype=dtype).transpose(1, 2)
+            k = torch.randn(1, hkv, tokens, d, device=device, dtype=dtype)
+            v = torch.randn(1, hkv, tokens, d, device=device, dtype=dtype)
+            sample_attention(
+                q, k, v, alpha=settings.alpha, window=settings.window, sample_ratio=settings.sample_ratio,
+                scale=d**-0.5, dense_below=0, rule="sample", graphs=False,
+            )
+        stream.synchronize()
+
+    return Warmup(run)
