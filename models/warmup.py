@@ -66,6 +66,8 @@ def start(settings: Settings, config: Any, device: torch.device, dtype: torch.dt
     if not triton_available():
         return None
     hq, hkv, d = head_shape(config)
+    if device.index is None:  # the thread's set_device needs the index
+        device = torch.device("cuda", torch.cuda.current_device())
 
     def run() -> None:
         from sacli.kernels import sample_attention
