@@ -1,6 +1,6 @@
 """TTFT of `sacli ask` in new processes: what compilation and autotuning add to each one.
 
-    python benchmarks/process_start.py OUT.json [--tokens 3600,32000] [--commit C]
+    python benchmarks/process_start.py OUT.json [--tokens 3600,32000] [--runs first,kept,...] [--commit C]
 
 For each prompt length (the head of a book, cut to about that many tokens), starting from an
 empty Triton kernel cache and no autotuning file, runs these `sacli ask --json` processes one
@@ -74,7 +74,7 @@ def ask(source: Path, env: dict[str, str], extra: list[str], tokens: int) -> dic
         return {"error": proc.stderr.strip().splitlines()[-1:], "returncode": proc.returncode, "wall_s": wall}
     out = json.loads(proc.stdout)
     return {
-        "ttft_ms": out["ttft_ms"], "wall_s": wall, "prompt_tokens": out["prompt_tokens"],
+        "ttft_ms": out["ttft_ms"], "warmup_wait_ms": out["warmup_wait_ms"], "wall_s": wall, "prompt_tokens": out["prompt_tokens"],
         "attention": out["attention"], "sparsity": out["sparsity"], "answer": out["answer"],
         "layer_ms": [round(x["ms"], 2) for x in out["layers"]],
     }
@@ -86,7 +86,13 @@ def main() -> None:
     parser.add_argument("--book", type=Path, default=Path(".dev/bench_data/moby_dick_2701.txt"))
     parser.add_argument("--tokens", default="3600,32000")
     parser.add_argument("--commit", default="")
+    parser.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="which of the runs, in their order")
     a = parser.parse_args()
+    chosen = set(a.runs.split(","))
+    unknown = chosen - {r[0] for r in RUNS}
+    if unknown:
+        parser.error(f"unknown runs: {sorted(unknown)}")
+    runs = [r for r in RUNS if r[0] in chosen]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(x) for x in a.tokens.split(",")):
@@ -94,7 +100,7 @@ def main() -> None:
             head_of_book(a.book, n, source)
             base = {**os.environ, "TRITON_CACHE_DIR": str(Path(tmp) / f"triton_{n}"),
                     "SACLI_AUTOTUNE_FILE": str(Path(tmp) / f"autotune_{n}.json")}
-            for name, env, extra in RUNS:
+            for name, env, extra in runs:
                 row = {"tokens_requested": n, "run": name, **ask(source, {**base, **env}, extra, n)}
                 print(json.dumps(row), flush=True)
                 results.append(row)
@@ -106,7 +112,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "commit": a.commit,
-        "runs": {name: {"env": env, "options": extra} for name, env, extra in RUNS},
+        "runs": {name: {"env": env, "options": extra} for name, env, extra in runs},
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({**header, "results": results}, indent=1) + "\n")

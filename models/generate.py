@@ -49,6 +49,8 @@ class GenerationResult:
     # "dense_short" (prompt below dense_below), "dense_masked", "dense_softcap"
     attention: str
     layers: list[LayerStat]
+    # part of the TTFT spent waiting for the kernels' warm-up (models/warmup.py) to finish
+    warmup_wait_ms: float = 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -226,6 +228,7 @@ def generate(
             t0 = time.perf_counter()
             if lm.warmup is not None:  # what loading the weights did not hide counts here
                 lm.warmup.wait()
+            t_wait = time.perf_counter()
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             _sync(device)
             t1 = time.perf_counter()
@@ -270,4 +273,5 @@ def generate(
         sparsity=sparsity,
         attention=attention,
         layers=layer_stats,
+        warmup_wait_ms=(t_wait - t0) * 1e3,
     )

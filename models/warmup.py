@@ -43,6 +43,56 @@ class Warmup:
         self._thread.join()
 
 
+_prepared: threading.Thread | None = None
+
+
+def _sparse_path(settings: Settings, device: torch.device, tokens: int) -> bool:
+    """Whether a prefill of `tokens` tokens runs the Triton pipeline (as models/attention.py
+    routes it) and the warm-up is wanted."""
+    from sacli.kernels.api import CUDA_CROSSOVER
+    from sacli.kernels.backend import triton_available
+
+    if os.environ.get(ENV_VAR, "1").strip() == "0":
+        return False
+    threshold = settings.dense_below if settings.dense_below >= 0 else CUDA_CROSSOVER
+    if device.type != "cuda" or settings.dense or settings.rule != "sample" or tokens < max(threshold, 2):
+        return False
+    return triton_available()
+
+
+def _prepare() -> None:
+    import triton
+    from triton.runtime.cache import triton_key
+
+    from sacli.kernels import triton_sampling, triton_selection, triton_sparse  # noqa: F401
+
+    triton.runtime.driver.active.get_current_target()
+    triton_key()
+
+
+def prepare(settings: Settings, text_bytes: int) -> None:
+    """Start Triton's once-per-process set-up (its driver, the hash of its sources that keys its
+    kernel cache, the kernel modules) in a thread, while the tokenizer loads and the text is read,
+    when a prompt of `text_bytes` bytes may reach the sparse prefill (a token spans at least one
+    byte; 4096 tokens of slack for the template and the question)."""
+    global _prepared
+    if _prepared is not None or not settings.device.startswith(("auto", "cuda")) or not torch.cuda.is_available():
+        return
+    if _sparse_path(settings, torch.device("cuda"), text_bytes + 4096):
+        _prepared = threading.Thread(target=_quietly(_prepare), name="sacli-triton-setup", daemon=True)
+        _prepared.start()
+
+
+def _quietly(fn: Any) -> Any:
+    def run() -> None:
+        try:
+            fn()
+        except Exception:  # the prefill does the same set-up itself, and reports what fails
+            pass
+
+    return run
+
+
 def head_shape(config: Any) -> tuple[int, int, int]:
     """(query heads, key-value heads, head dim) of a transformers config."""
     hq = int(config.num_attention_heads)
@@ -55,15 +105,7 @@ def start(settings: Settings, config: Any, device: torch.device, dtype: torch.dt
     """Warm the kernels a prefill of `tokens` tokens will run, or None when it runs none of
     them (CPU, dense, a rule whose stage 1 is PyTorch, a prompt routed to dense) or
     $SACLI_KERNEL_WARMUP is 0."""
-    from sacli.kernels.api import CUDA_CROSSOVER
-    from sacli.kernels.backend import triton_available
-
-    if os.environ.get(ENV_VAR, "1").strip() == "0":
-        return None
-    threshold = settings.dense_below if settings.dense_below >= 0 else CUDA_CROSSOVER
-    if device.type != "cuda" or settings.dense or settings.rule != "sample" or tokens < max(threshold, 2):
-        return None
-    if not triton_available():
+    if not _sparse_path(settings, device, tokens):
         return None
     hq, hkv, d = head_shape(config)
     if device.index is None:  # the thread's set_device needs the index
@@ -72,6 +114,8 @@ def start(settings: Settings, config: Any, device: torch.device, dtype: torch.dt
     def run() -> None:
         from sacli.kernels import sample_attention
 
+        if _prepared is not None:
+            _prepared.join()
         torch.cuda.set_device(device)
         stream = torch.cuda.Stream(device)
         with torch.inference_mode(), torch.cuda.stream(stream):

@@ -96,6 +96,10 @@ class Session:
 
         if not question.strip():
             raise UsageError("the question is empty")
+        if self.lm is None:
+            from sacli.models import warmup
+
+            warmup.prepare(self.settings, sum(d.size for d in documents))
         tokenizer = self.tokenizer
         on_chunk = self._reader(documents)
         try:

@@ -163,6 +163,8 @@ def answer_json(
         # the answer was cut by --max-new-tokens rather than ended by the model
         "stopped_at_limit": stopped_at_limit,
         "ttft_ms": result.ttft_ms,
+        # part of ttft_ms spent waiting for the GPU kernels readied while the model loaded
+        "warmup_wait_ms": result.warmup_wait_ms,
         "prefill_ms": result.prefill_ms,
         "prefill_tokens_per_s": result.prefill_tokens_per_s,
         "decode_tokens_per_s": result.decode_tokens_per_s,

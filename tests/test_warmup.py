@@ -94,3 +94,27 @@ def test_the_prefill_after_a_warmup_autotunes_nothing() -> None:
     k, v = (torch.randn(1, 3, 4096, 64, device=CUDA, dtype=torch.bfloat16) for _ in range(2))
     sample_attention(q, k, v, alpha=0.95, window=0.05, sample_ratio=0.05, dense_below=0, graphs=False)
     assert dict(_sparse_attn_fwd_tuned.cache) == tuned
+
+
+@pytest.mark.parametrize(
+    "change, text_bytes, started",
+    [
+        ({}, 20000, True),  # may reach the 16K crossover
+        ({}, 10000, False),  # cannot: fewer bytes than tokens needed
+        ({"dense_below": 0}, 100, True),
+        ({"dense": True}, 20000, False),
+        ({"device": "cpu"}, 20000, False),
+    ],
+)
+def test_triton_setup_starts_only_for_long_enough_text(
+    change: dict, text_bytes: int, started: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(warmup, "_prepared", None)
+    monkeypatch.setattr(warmup, "_prepare", lambda: ran.append(1))
+    monkeypatch.setattr("sacli.kernels.backend.triton_available", lambda: True)
+    warmup.prepare(dataclasses.replace(Settings(), **change), text_bytes)
+    if warmup._prepared is not None:
+        warmup._prepared.join()
+    assert ran == ([1] if started else [])
