@@ -2,12 +2,15 @@
 
 A new process pays, at its first sparse prefill, for what Triton does once per process:
 starting its driver, hashing its own sources for the kernel cache, loading every kernel
-(compiling and autotuning it the first time on a machine). Measured on an H100 that put
-0.9-1.2 s into the TTFT of every `sacli ask` after the first (benchmarks/raw/
-v20_process_start.json), more than the sparse prefill saves at 32K tokens.
+(compiling and autotuning it the first time on a machine). On an H100 that made the first
+decoder layer of a new `sacli ask` take 0.91-0.95 s at 32K tokens, against 0.20-0.22 s with
+this warm-up, and the whole TTFT 1.16-1.21 s against 0.38-0.43 s (dense: 0.48-1.10 s;
+benchmarks/raw/v20_process_start.json, docs/BENCHMARKS.md "A new process").
 
-`start()` runs one sparse attention call of the prompt's length and the model's head shape on
-random data, in a thread on its own CUDA stream, while `load_model` reads the weights.
+`prepare()` starts Triton's set-up in a thread as soon as the input's size says the prompt may
+reach the sparse prefill (while the tokenizer loads). `start()` then runs one sparse attention
+call of the prompt's length and the model's head shape on random data, in a thread on its own
+CUDA stream, while `load_model` reads the weights.
 `Warmup.wait()` (called by `generate` inside the timed prefill) joins it, so the part not
 hidden behind loading still counts in TTFT. Only the kernels are warmed: the call runs
 without CUDA graphs, and nothing of it is kept but Triton's own caches. A failure here is
