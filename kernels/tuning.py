@@ -109,14 +109,16 @@ def _save(tuner: Any, ctx: str) -> None:
     merged = _load()  # other processes may have written since
     merged.setdefault(ctx, {}).update(new)
     _store.setdefault(ctx, {}).update(new)
+    tmp = None
     try:
         _path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=_path.parent, prefix=_path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump({"format": FORMAT, "choices": merged}, f, indent=1, sort_keys=True)
         os.replace(tmp, _path)
-    except OSError:
-        pass  # a read-only home only costs the timing next time
+    except OSError:  # a read-only home only costs the timing next time
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     _seen[id(tuner), ctx] = len(tuner.cache)
 
 

@@ -31,9 +31,11 @@ ENV_VAR = "SACLI_KERNEL_WARMUP"  # "0": no warm-up (the prefill readies its kern
 
 
 class Warmup:
-    def __init__(self, target: Any) -> None:
+    """`target()` running in a daemon thread; an exception it raises is kept in `error`."""
+
+    def __init__(self, target: Any, name: str = "sacli-warmup") -> None:
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(target,), name="sacli-warmup", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, target: Any) -> None:
@@ -46,7 +48,7 @@ class Warmup:
         self._thread.join()
 
 
-_prepared: threading.Thread | None = None
+_prepared: Warmup | None = None
 
 
 def _sparse_path(settings: Settings, device: torch.device, tokens: int) -> bool:
@@ -82,18 +84,7 @@ def prepare(settings: Settings, text_bytes: int) -> None:
     if _prepared is not None or not settings.device.startswith(("auto", "cuda")) or not torch.cuda.is_available():
         return
     if _sparse_path(settings, torch.device("cuda"), text_bytes + 4096):
-        _prepared = threading.Thread(target=_quietly(_prepare), name="sacli-triton-setup", daemon=True)
-        _prepared.start()
-
-
-def _quietly(fn: Any) -> Any:
-    def run() -> None:
-        try:
-            fn()
-        except Exception:  # the prefill does the same set-up itself, and reports what fails
-            pass
-
-    return run
+        _prepared = Warmup(_prepare, name="sacli-triton-setup")
 
 
 def head_shape(config: Any) -> tuple[int, int, int]:
@@ -118,7 +109,7 @@ def start(settings: Settings, config: Any, device: torch.device, dtype: torch.dt
         from sacli.kernels import sample_attention
 
         if _prepared is not None:
-            _prepared.join()
+            _prepared.wait()
         torch.cuda.set_device(device)
         stream = torch.cuda.Stream(device)
         with torch.inference_mode(), torch.cuda.stream(stream):

@@ -134,3 +134,15 @@ def test_the_cli_keeps_choices_in_the_home(monkeypatch: pytest.MonkeyPatch, tmp_
         assert tuning.current_file() == tmp_path / "t.json"
     finally:
         tuning.use_file(None)
+
+
+def test_an_unwritable_home_only_costs_the_timing(tmp_path: Path) -> None:
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where the directory should be")
+    try:
+        tuning.use_file(blocker / "autotune.json")
+        tuner = _tuner()
+        assert _launch(tuner) == 32 and len(tuner.timed) == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and blocker.is_file()
+    finally:
+        tuning.use_file(None)

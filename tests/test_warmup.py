@@ -116,5 +116,5 @@ def test_triton_setup_starts_only_for_long_enough_text(
     monkeypatch.setattr("sacli.kernels.backend.triton_available", lambda: True)
     warmup.prepare(dataclasses.replace(Settings(), **change), text_bytes)
     if warmup._prepared is not None:
-        warmup._prepared.join()
+        warmup._prepared.wait()
     assert ran == ([1] if started else [])
