@@ -32,12 +32,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
 import typer
 
 from sacli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 app = typer.Typer(help="Benchmarks of the attention kernels and of time to first token (GPU).", no_args_is_help=True)
 
@@ -53,6 +55,7 @@ PEER_COLUMNS = 1000
 
 
 def _sync() -> None:
+    import torch
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -64,6 +67,7 @@ def time_ms(fn: Callable[[], Any], *, budget_ms: float = 300.0, min_reps: int = 
     triton.testing.do_bench because do_bench runs a single repetition once a call exceeds its
     budget; at 128K tokens dense attention takes ~0.3 s and we want a median of at least three.
     """
+    import torch
     fn()
     _sync()
     t0 = time.perf_counter()
@@ -98,6 +102,7 @@ def _try(fn: Callable[[], float]) -> tuple[float | None, str | None]:
 
 def environment(command: list[str]) -> dict[str, Any]:
     """Device, versions, date and command line for a results file."""
+    import torch
     # `python -m sacli.bench ...` is the same command as `sacli bench ...`
     words = ["sacli", "bench", *command[1:]] if command and command[0].endswith("bench.py") else list(command)
     info: dict[str, Any] = {
@@ -149,6 +154,7 @@ def synthetic_selection(
     Either `density` (half of it from the band, the rest from random columns before the band,
     added until the kept entries reach it), or an explicit `window` and `ncols`.
     """
+    import torch
     from sacli.kernels.selection import Selection
 
     total = S * (S + 1) / 2
@@ -188,6 +194,7 @@ def synthetic_selection(
 def _dense_runners(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, flex: bool) -> dict[str, Callable[[], float]]:
     """Timers of the dense causal baselines; K/V are expanded to the query heads beforehand
     (outside the timing) so every backend runs its plain MHA path."""
+    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -321,6 +328,7 @@ def bench_synthetic(
 
     flex: time FlexAttention at every length (True), none (False) or the listed lengths.
     """
+    import torch
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     results = []
@@ -381,6 +389,7 @@ def _text_ids(lm: Any, text_path: Path, n: int) -> torch.Tensor:
 
 def capture_qkv(lm: Any, ids: torch.Tensor, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
     """Post-RoPE (q, k, v, scale) of the given layers for one dense prefill of `ids` (1, S)."""
+    import torch
     import torch.nn.functional as F
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
@@ -598,6 +607,7 @@ def bench_ttft_projection(
     stage 2 on the model's Q/K (their cost) but attends with a fixed synthetic selection whose
     density is `densities[S]` (measured on the real model by `attention --workload model`).
     """
+    import torch
     from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
     from transformers.masking_utils import sdpa_mask
     import torch.nn.functional as F
@@ -837,6 +847,7 @@ def ttft(
     out: Path = typer.Option(Path("benchmarks/ttft.json"), help="JSON results file."),
 ) -> None:
     """Time to first token vs input length, dense SDPA vs SampleAttention."""
+    import torch
     from sacli.config import load_settings
 
     settings = load_settings()

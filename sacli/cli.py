@@ -108,15 +108,21 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# the commands that may run the GPU kernels (the others start without importing torch)
+_KERNEL_COMMANDS = ("ask", "summarize", "bench", "eval")
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         Optional[bool],
         typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
     ] = None,
 ) -> None:
     """Ask questions about long documents with a local LLM (SampleAttention sparse prefill)."""
-    _keep_autotuning()
+    if ctx.invoked_subcommand in _KERNEL_COMMANDS:
+        _keep_autotuning()
 
 
 def _keep_autotuning() -> None:

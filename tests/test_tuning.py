@@ -125,12 +125,14 @@ def test_the_cli_keeps_choices_in_the_home(monkeypatch: pytest.MonkeyPatch, tmp_
 
     try:
         assert CliRunner().invoke(app, ["models"]).exit_code == 0
+        assert tuning.current_file() is None  # a command that runs no kernel
+        assert CliRunner().invoke(app, ["bench", "--help"]).exit_code == 0
         assert tuning.current_file() == Path(os.environ["SACLI_HOME"]) / "autotune.json"
         monkeypatch.setenv("SACLI_AUTOTUNE_FILE", "none")
-        assert CliRunner().invoke(app, ["models"]).exit_code == 0
+        assert CliRunner().invoke(app, ["eval", "--help"]).exit_code == 0
         assert tuning.current_file() is None
         monkeypatch.setenv("SACLI_AUTOTUNE_FILE", str(tmp_path / "t.json"))
-        assert CliRunner().invoke(app, ["models"]).exit_code == 0
+        assert CliRunner().invoke(app, ["ask", "--help"]).exit_code == 0
         assert tuning.current_file() == tmp_path / "t.json"
     finally:
         tuning.use_file(None)
