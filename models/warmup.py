@@ -118,10 +118,14 @@ def start(settings: Settings, config: Any, device: torch.device, dtype: torch.dt
             q = torch.randn(1, tokens, hq, d, device=device, dtype=dtype).transpose(1, 2)
             k = torch.randn(1, hkv, tokens, d, device=device, dtype=dtype)
             v = torch.randn(1, hkv, tokens, d, device=device, dtype=dtype)
-            sample_attention(
+            out, stats = sample_attention(
                 q, k, v, alpha=settings.alpha, window=settings.window, sample_ratio=settings.sample_ratio,
                 scale=d**-0.5, dense_below=0, rule="sample", graphs=False,
             )
+            del q, k, v, out, stats
         stream.synchronize()
+        # the caching allocator keeps freed blocks for the stream that allocated them: hand them
+        # back, or the prefill (on the default stream) could not use that memory
+        torch.cuda.empty_cache()
 
     return Warmup(run)
