@@ -20,7 +20,6 @@ from sacli.errors import ContextLimitError, ModelError, UsageError
 from sacli.models.attention import ATTENTION_NAME, register_attention
 from sacli.models import warmup
 from sacli.models.registry import validate_model_dir
-from sacli.models.warmup import Warmup
 
 # RoPE types whose `factor` stretches the trained positions over `original_max_position_embeddings`.
 _STRETCHING_ROPE = ("yarn", "linear", "dynamic")
@@ -40,7 +39,7 @@ class LoadedModel:
     context_limit: int
     rope_scaled: bool
     # the sparse kernels being readied for the first prompt while the weights loaded (warmup.py)
-    warmup: Warmup | None = None
+    warmup: warmup.Warmup | None = None
 
 
 def _load_config(path: Path) -> Any:
