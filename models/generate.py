@@ -8,6 +8,7 @@ per token with the KV cache. SampleAttention applies to the prefill only.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -199,6 +200,12 @@ def _layer_stats(timer: _LayerTimer, collector: AttentionCollector, layers: list
     return stats
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which the model's forward takes its KV cache: `cache` in newer
+    transformers (which warn on every call given the old name), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
@@ -222,6 +229,7 @@ def generate(
 
     with sparse_context(settings) as collector:
         cache = DynamicCache(config=model.config)
+        with_cache = {cache_argument(model): cache, "use_cache": True}
         timer = _LayerTimer(layers, device, on_layer)
         try:
             _sync(device)
@@ -229,7 +237,7 @@ def generate(
             if lm.warmup is not None:  # what loading the weights did not hide counts here
                 lm.warmup.wait()
             t_wait = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **with_cache, logits_to_keep=1)
             _sync(device)
             t1 = time.perf_counter()
             timer.finish()
@@ -254,7 +262,7 @@ def generate(
             stream.update(generated)
             if len(generated) >= settings.max_new_tokens:
                 break
-            out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+            out = model(input_ids=token.view(1, 1), **with_cache)
             token = _select(out.logits[:, -1, :], settings.temperature)
             decode_steps += 1
         _sync(device)

@@ -192,6 +192,20 @@ def test_generate_sparse_and_dense_modes(tiny):
     assert all(s.density == 1.0 for s in dense.layers)
 
 
+def test_generate_passes_the_cache_under_the_models_own_name(tiny):
+    import inspect
+    import warnings
+
+    from sacli.models.generate import cache_argument
+
+    lm = load_model(tiny("llama"), EXACT, SEQ + 8)
+    assert cache_argument(lm.model) in inspect.signature(lm.model.forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # newer transformers warn on the old name
+        result = generate(lm, _ids(3), dataclasses.replace(EXACT, max_new_tokens=3))
+    assert 1 <= result.new_tokens <= 3
+
+
 def test_generate_with_temperature_samples(tiny):
     lm = load_model(tiny("llama"), EXACT, SEQ + 8)
     result = generate(lm, _ids(7), dataclasses.replace(EXACT, temperature=1.0, max_new_tokens=6))

@@ -34,12 +34,12 @@ def greedy(lm, ids: torch.Tensor, settings, steps: int) -> tuple[list[int], list
     """Greedy tokens and each step's float32 logits (V,), as sacli's generate decodes."""
     from transformers import DynamicCache
 
-    from sacli.models.generate import eos_token_ids
+    from sacli.models.generate import cache_argument, eos_token_ids
 
     eos = eos_token_ids(lm)
     with sparse_context(settings):
-        cache = DynamicCache(config=lm.model.config)
-        out = lm.model(input_ids=ids.to(lm.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with_cache = {cache_argument(lm.model): DynamicCache(config=lm.model.config), "use_cache": True}
+        out = lm.model(input_ids=ids.to(lm.device), **with_cache, logits_to_keep=1)
         tokens, logits = [], []
         for _ in range(steps):
             row = out.logits[0, -1].float()
@@ -48,7 +48,7 @@ def greedy(lm, ids: torch.Tensor, settings, steps: int) -> tuple[list[int], list
             logits.append(row.cpu())
             if tok in eos:
                 break
-            out = lm.model(input_ids=torch.tensor([[tok]], device=lm.device), past_key_values=cache, use_cache=True)
+            out = lm.model(input_ids=torch.tensor([[tok]], device=lm.device), **with_cache)
     return tokens, logits
 
 
