@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import pytest
@@ -69,6 +70,7 @@ def test_generate_waits_for_the_warmup(tiny_model, monkeypatch: pytest.MonkeyPat
 
     real = lm.model.forward
 
+    @functools.wraps(real)  # keeps the signature generate reads the cache's name from
     def forward(*args, **kwargs):  # type: ignore[no-untyped-def]
         events.append("forward")
         return real(*args, **kwargs)
