@@ -54,11 +54,12 @@ RUNS = (
 def head_of_book(book: Path, tokens: int, dest: Path) -> int:
     """Write the first ~`tokens` tokens of `book` to `dest`; returns the token count."""
     from sacli.config import Settings
+    from sacli.evaluate import read_text, text_tokens
     from sacli.models.loading import load_tokenizer
     from sacli.models.registry import resolve_model
 
     tok = load_tokenizer(resolve_model(Settings().model, notify=print))
-    ids = tok(book.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"][:tokens]
+    ids = text_tokens(tok, read_text(book), tokens, source=str(book))[0].tolist()
     dest.write_text(tok.decode(ids), encoding="utf-8")
     return len(ids)
 

@@ -65,9 +65,9 @@ GRAPHS_ENV = "SACLI_CUDA_GRAPHS"
 CPU_CROSSOVER = sys.maxsize
 
 
-def crossover_tokens(q: torch.Tensor) -> int:
-    """Sequence length from which sparse prefill is expected to beat dense for q (B, Hq, S, D)."""
-    return CUDA_CROSSOVER if q.is_cuda else CPU_CROSSOVER
+def crossover_tokens(device: torch.device) -> int:
+    """Sequence length from which sparse prefill is expected to beat dense on `device`."""
+    return CUDA_CROSSOVER if device.type == "cuda" else CPU_CROSSOVER
 
 
 def sample_attention(
@@ -113,7 +113,7 @@ def sample_attention(
     assert 0.0 < window <= 1.0, f"window must be in (0, 1], got {window}"
     assert 0.0 < sample_ratio <= 1.0, f"sample_ratio must be in (0, 1], got {sample_ratio}"
     if dense_below is None or dense_below < 0:
-        dense_below = crossover_tokens(q)
+        dense_below = crossover_tokens(q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
 

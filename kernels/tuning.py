@@ -104,11 +104,10 @@ def _restore(tuner: Any, ctx: str) -> None:
 
 
 def _save(tuner: Any, ctx: str) -> None:
-    assert _path is not None and _store is not None
+    assert _path is not None
     new = {json.dumps(list(k)): str(c) for k, c in tuner.cache.items() if _plain(k)}
     merged = _load()  # other processes may have written since
     merged.setdefault(ctx, {}).update(new)
-    _store.setdefault(ctx, {}).update(new)
     tmp = None
     try:
         _path.parent.mkdir(parents=True, exist_ok=True)

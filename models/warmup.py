@@ -54,12 +54,12 @@ _prepared: Warmup | None = None
 def _sparse_path(settings: Settings, device: torch.device, tokens: int) -> bool:
     """Whether a prefill of `tokens` tokens runs the Triton pipeline (as models/attention.py
     routes it) and the warm-up is wanted."""
-    from sacli.kernels.api import CUDA_CROSSOVER
+    from sacli.kernels.api import crossover_tokens
     from sacli.kernels.backend import triton_available
 
     if os.environ.get(ENV_VAR, "1").strip() == "0":
         return False
-    threshold = settings.dense_below if settings.dense_below >= 0 else CUDA_CROSSOVER
+    threshold = settings.dense_below if settings.dense_below >= 0 else crossover_tokens(device)
     if device.type != "cuda" or settings.dense or settings.rule != "sample" or tokens < max(threshold, 2):
         return False
     return triton_available()
