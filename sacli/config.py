@@ -41,11 +41,11 @@ class Settings:
     # 0 means greedy decoding
     temperature: float = 0.0
     # SampleAttention: share of sampled attention mass the kept entries must reach
-    alpha: float = 0.95
+    alpha: float = 0.96
     # SampleAttention: local window as a fraction of the sequence length
     window: float = 0.05
     # SampleAttention: fraction of query rows sampled to score columns
-    sample_ratio: float = 0.05
+    sample_ratio: float = 0.02
     # prefill shorter than this many tokens uses dense attention (sparse does not pay off);
     # negative: automatic, the measured crossover for the device
     dense_below: int = -1
