@@ -12,6 +12,15 @@ for the same kernel source, config list, GPU, and Triton / PyTorch / CUDA versio
 else (a missing or unreadable file included) falls back to timing, as before. Writes replace
 the file atomically after merging with what other processes wrote meanwhile. Without a file
 (the default, e.g. for library use and the tests' kernels) nothing is read or written.
+
+A machine's first process still had to time every config, and Triton compiles each config it
+times: most of the ~19 s TTFT of the first `sacli ask` on a fresh H100. So choices made on an
+H100 ship with sacli (`tuned_defaults.json` beside this module, made by
+benchmarks/tuned_defaults.py from a GPU run's file) and fill in what the file lacks, so that only
+the chosen variants compile. They are matched on the kernel's own source, its config list and the
+GPU model only, not on the Triton / PyTorch / CUDA versions: a choice can only make a kernel
+faster or slower, never wrong. Keys they do not cover (another GPU, head dim, dtype, ...) are
+timed as before. They are used only where a file is (not with SACLI_AUTOTUNE_FILE=none).
 """
 
 from __future__ import annotations
@@ -28,17 +37,20 @@ import torch
 
 FORMAT = 1
 
+DEFAULTS_FILE = Path(__file__).with_name("tuned_defaults.json")
+
 _path: Path | None = None
 _store: dict[str, dict[str, str]] | None = None  # context -> {key as JSON: config as str}
+_defaults: dict[str, dict[str, str]] | None = None  # portable context -> {key as JSON: portable config}
 _seen: dict[tuple[int, str], int] = {}  # (id(tuner), context) -> size of tuner.cache when last synced
 _contexts: dict[tuple[int, torch.device], str] = {}
 
 
 def use_file(path: Path | str | None) -> None:
     """Keep choices in `path` from now on (None: in memory only, Triton's default)."""
-    global _path, _store
+    global _path, _store, _defaults
     _path = Path(path) if path is not None else None
-    _store = None
+    _store = _defaults = None
     _seen.clear()
     _contexts.clear()
 
@@ -84,22 +96,59 @@ def context(tuner: Any, device: torch.device) -> str:
     ))
 
 
+def portable_config(config: Any) -> str:
+    """A config as shipped choices name it: its parameters, warps and stages."""
+    params = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+    return f"{params} warps={config.num_warps} stages={config.num_stages}"
+
+
+def portable_context(tuner: Any, gpu: str) -> str:
+    """What a shipped choice is valid for: the kernel's name and source (its own function's),
+    its config list, and the GPU model (`gpu`, as gpu_model() gives it)."""
+    source = hashlib.sha256(inspect.getsource(tuner.base_fn).encode()).hexdigest()[:16]
+    configs = hashlib.sha256("\n".join(portable_config(c) for c in tuner.configs).encode()).hexdigest()[:16]
+    return " | ".join((tuner.base_fn.__name__, source, configs, gpu))
+
+
+def gpu_model(device: torch.device) -> str:
+    """The GPU's name and compute capability ("NVIDIA H100 80GB HBM3 sm90"), or the device type."""
+    name = _device_name(device)
+    return name.rsplit(" cuda ", 1)[0] if device.type == "cuda" else name
+
+
+def _load_defaults() -> dict[str, dict[str, str]]:
+    try:
+        data = json.loads(DEFAULTS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("choices"), dict):
+        return {}
+    return {c: dict(e) for c, e in data["choices"].items() if isinstance(e, dict)}
+
+
 def _plain(key: tuple) -> bool:
     return all(isinstance(x, (bool, int, float, str)) or x is None for x in key)
 
 
-def _restore(tuner: Any, ctx: str) -> None:
-    global _store
-    if _store is None:
-        _store = _load()
-    by_str = {str(c): c for c in tuner.configs}
-    for key_json, config in _store.get(ctx, {}).items():
+def _fill(tuner: Any, entries: dict[str, str], configs: dict[str, Any]) -> None:
+    for key_json, config in entries.items():
         try:
             key = tuple(json.loads(key_json))
         except ValueError:
             continue
-        if config in by_str:
-            tuner.cache.setdefault(key, by_str[config])
+        if config in configs:
+            tuner.cache.setdefault(key, configs[config])
+
+
+def _restore(tuner: Any, ctx: str, device: torch.device) -> None:
+    global _store, _defaults
+    if _store is None:
+        _store = _load()
+    if _defaults is None:
+        _defaults = _load_defaults()
+    _fill(tuner, _store.get(ctx, {}), {str(c): c for c in tuner.configs})
+    shipped = _defaults.get(portable_context(tuner, gpu_model(device)), {})  # only what the file lacks
+    _fill(tuner, shipped, {portable_config(c): c for c in tuner.configs})
     _seen[id(tuner), ctx] = len(tuner.cache)
 
 
@@ -129,7 +178,7 @@ def launch(tuner: Any, grid: Any, *args: Any, device: torch.device, **kwargs: An
     if ctx is None:
         ctx = _contexts[id(tuner), device] = context(tuner, device)
     if (id(tuner), ctx) not in _seen:
-        _restore(tuner, ctx)
+        _restore(tuner, ctx, device)
     result = tuner[grid](*args, **kwargs)
     if len(tuner.cache) != _seen[id(tuner), ctx]:
         _save(tuner, ctx)

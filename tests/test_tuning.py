@@ -148,3 +148,61 @@ def test_an_unwritable_home_only_costs_the_timing(tmp_path: Path) -> None:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and blocker.is_file()
     finally:
         tuning.use_file(None)
+
+
+def _ship(monkeypatch: pytest.MonkeyPatch, path: Path, tuner, entries: dict[int, int]) -> None:  # type: ignore[no-untyped-def]
+    """Ship choices (length -> BLOCK) for `tuner` on this test's device in `path`."""
+    by_block = {c.kwargs["BLOCK"]: c for c in tuner.configs}
+    context = tuning.portable_context(tuner, tuning.gpu_model(DEVICE))
+    path.write_text(json.dumps({"format": tuning.FORMAT, "choices": {context: {
+        json.dumps([n, "torch.float32"]): tuning.portable_config(by_block[b]) for n, b in entries.items()}}}))
+    monkeypatch.setattr(tuning, "DEFAULTS_FILE", path)
+
+
+def test_shipped_choices_fill_what_the_file_lacks(
+    choices: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tuner = _tuner()
+    _ship(monkeypatch, tmp_path / "shipped.json", tuner, {16: 16})  # the slower config, on purpose
+    tuning.use_file(choices)
+    assert _launch(tuner, n=16) == 16 and tuner.timed == []  # shipped: launched untimed
+    assert _launch(tuner, n=8) == 32 and len(tuner.timed) == 2  # not shipped: timed
+
+    tuning.use_file(choices)  # a new process: its own file's choice wins over the shipped one
+    again = _tuner()
+    _ship(monkeypatch, tmp_path / "shipped.json", again, {8: 16})
+    assert _launch(again, n=8) == 32 and again.timed == []
+
+
+def test_shipped_choices_need_the_same_kernel_source_and_configs(
+    choices: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tuner = _tuner()
+    _ship(monkeypatch, tmp_path / "shipped.json", tuner, {16: 16})
+    other = _tuner(blocks=(16, 64))  # another config list: the shipped entry is not for it
+    tuning.use_file(choices)
+    assert _launch(other, n=16) == 64 and len(other.timed) == 2
+
+
+def test_shipped_choices_are_not_used_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    tuner = _tuner()
+    _ship(monkeypatch, tmp_path / "shipped.json", tuner, {16: 16})
+    tuning.use_file(None)
+    assert _launch(tuner, n=16) == 32 and len(tuner.timed) == 2
+
+
+def test_the_shipped_file_matches_the_kernels_as_they_are() -> None:
+    """kernels/tuned_defaults.json names the current kernels' sources and config lists (a kernel
+    change must come with new choices from a GPU run, benchmarks/tuned_defaults.py), and every
+    config it names is one of them."""
+    from sacli.kernels import triton_sampling, triton_sparse
+
+    tuners = {t.base_fn.__name__: t for t in (
+        triton_sampling._row_stats_tuned, triton_sampling._col_scores_tuned, triton_sparse._sparse_attn_fwd_tuned)}
+    shipped = json.loads(tuning.DEFAULTS_FILE.read_text())
+    assert shipped["format"] == tuning.FORMAT and set(shipped["choices"]) and tuning._load_defaults()
+    for context, entries in shipped["choices"].items():
+        name, _source, _configs, gpu = context.split(" | ")
+        assert context == tuning.portable_context(tuners[name], gpu), f"{name}: stale shipped choices"
+        portable = {tuning.portable_config(c) for c in tuners[name].configs}
+        assert entries and set(entries.values()) <= portable
