@@ -8,7 +8,6 @@ per token with the KV cache. SampleAttention applies to the prefill only.
 
 from __future__ import annotations
 
-import gc
 import inspect
 import time
 from dataclasses import dataclass
@@ -232,29 +231,21 @@ def generate(
         cache = DynamicCache(config=model.config)
         with_cache = {cache_argument(model): cache, "use_cache": True}
         timer = _LayerTimer(layers, device, on_layer)
-        # no garbage collection inside the timed prefill: a full collection of a large heap
-        # (a model, a long document's objects) would land in TTFT
-        collecting = gc.isenabled()
-        gc.disable()
         try:
-            try:
-                _sync(device)
-                t0 = time.perf_counter()
-                if lm.warmup is not None:  # what loading the weights did not hide counts here
-                    lm.warmup.wait()
-                t_wait = time.perf_counter()
-                out = model(input_ids=ids, **with_cache, logits_to_keep=1)
-                _sync(device)
-                t1 = time.perf_counter()
-                timer.finish()
-            finally:
-                timer.remove()
-            token = _select(out.logits[:, -1, :], settings.temperature)
             _sync(device)
-            t2 = time.perf_counter()
+            t0 = time.perf_counter()
+            if lm.warmup is not None:  # what loading the weights did not hide counts here
+                lm.warmup.wait()
+            t_wait = time.perf_counter()
+            out = model(input_ids=ids, **with_cache, logits_to_keep=1)
+            _sync(device)
+            t1 = time.perf_counter()
+            timer.finish()
         finally:
-            if collecting:
-                gc.enable()
+            timer.remove()
+        token = _select(out.logits[:, -1, :], settings.temperature)
+        _sync(device)
+        t2 = time.perf_counter()
         # the prefill statistics are complete; decode calls (one query row) are not recorded
         layer_stats = _layer_stats(timer, collector, layers)
         sparsity = 0.0 if settings.dense else collector.sparsity()

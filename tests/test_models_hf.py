@@ -206,32 +206,6 @@ def test_generate_passes_the_cache_under_the_models_own_name(tiny):
     assert 1 <= result.new_tokens <= 3
 
 
-def test_the_collector_pauses_in_the_timed_prefill_only(tiny, monkeypatch):
-    import functools
-    import gc
-
-    lm = load_model(tiny("llama"), EXACT, SEQ + 8)
-    seen: list[bool] = []
-    real = lm.model.forward
-
-    @functools.wraps(real)  # keeps the signature generate reads the cache's name from
-    def forward(*args, **kwargs):
-        seen.append(gc.isenabled())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lm.model, "forward", forward)
-    assert gc.isenabled()
-    generate(lm, _ids(3), dataclasses.replace(EXACT, max_new_tokens=3))
-    assert seen[0] is False and all(seen[1:]) and len(seen) >= 2  # prefill paused, decode not
-    assert gc.isenabled()
-    gc.disable()  # a caller that had it off keeps it off
-    try:
-        generate(lm, _ids(3), dataclasses.replace(EXACT, max_new_tokens=2))
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-
-
 def test_generate_with_temperature_samples(tiny):
     lm = load_model(tiny("llama"), EXACT, SEQ + 8)
     result = generate(lm, _ids(7), dataclasses.replace(EXACT, temperature=1.0, max_new_tokens=6))
