@@ -29,10 +29,9 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("tuned_defaults.py: unset TRITON_INTERPRET (the interpreter's kernels have no source hash)")
 
-    from sacli.kernels import tuning, triton_sampling, triton_sparse
+    from sacli.kernels import tuning
 
-    tuners = {t.base_fn.__name__: t for t in (
-        triton_sampling._row_stats_tuned, triton_sampling._col_scores_tuned, triton_sparse._sparse_attn_fwd_tuned)}
+    tuners = tuning.product_tuners()
     choices: dict[str, dict[str, str]] = {}
     taken = skipped = 0
     for path in args.inputs:

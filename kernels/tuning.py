@@ -14,7 +14,7 @@ the file atomically after merging with what other processes wrote meanwhile. Wit
 (the default, e.g. for library use and the tests' kernels) nothing is read or written.
 
 A machine's first process still had to time every config, and Triton compiles each config it
-times: most of the ~19 s TTFT of the first `sacli ask` on a fresh H100. So choices made on an
+times: most of the 16-19.5 s TTFT of the first `sacli ask` on a fresh H100. So choices made on an
 H100 ship with sacli (`tuned_defaults.json` beside this module, made by
 benchmarks/tuned_defaults.py from a GPU run's file) and fill in what the file lacks, so that only
 the chosen variants compile. They are matched on the kernel's own source, its config list and the
@@ -77,12 +77,17 @@ def _source_digest(tuner: Any) -> str:
     return str(key)
 
 
-def _device_name(device: torch.device) -> str:
+def gpu_model(device: torch.device) -> str:
+    """The GPU's name and compute capability ("NVIDIA H100 80GB HBM3 sm90"), or the device type."""
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
-    return f"{torch.cuda.get_device_name(index)} sm{major}{minor} cuda {torch.version.cuda}"
+    return f"{torch.cuda.get_device_name(index)} sm{major}{minor}"
+
+
+def _device_name(device: torch.device) -> str:
+    return f"{gpu_model(device)} cuda {torch.version.cuda}" if device.type == "cuda" else device.type
 
 
 def context(tuner: Any, device: torch.device) -> str:
@@ -94,6 +99,14 @@ def context(tuner: Any, device: torch.device) -> str:
         tuner.base_fn.__name__, _source_digest(tuner)[:16], configs, _device_name(device),
         f"triton {triton.__version__}", f"torch {torch.__version__}",
     ))
+
+
+def product_tuners() -> dict[str, Any]:
+    """The autotuned kernels of the sparse prefill, by name (what tuned_defaults.json covers)."""
+    from sacli.kernels import triton_sampling, triton_sparse
+
+    tuners = (triton_sampling._row_stats_tuned, triton_sampling._col_scores_tuned, triton_sparse._sparse_attn_fwd_tuned)
+    return {t.base_fn.__name__: t for t in tuners}
 
 
 def portable_config(config: Any) -> str:
@@ -108,12 +121,6 @@ def portable_context(tuner: Any, gpu: str) -> str:
     source = hashlib.sha256(inspect.getsource(tuner.base_fn).encode()).hexdigest()[:16]
     configs = hashlib.sha256("\n".join(portable_config(c) for c in tuner.configs).encode()).hexdigest()[:16]
     return " | ".join((tuner.base_fn.__name__, source, configs, gpu))
-
-
-def gpu_model(device: torch.device) -> str:
-    """The GPU's name and compute capability ("NVIDIA H100 80GB HBM3 sm90"), or the device type."""
-    name = _device_name(device)
-    return name.rsplit(" cuda ", 1)[0] if device.type == "cuda" else name
 
 
 def _load_defaults() -> dict[str, dict[str, str]]:

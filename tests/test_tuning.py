@@ -195,10 +195,7 @@ def test_the_shipped_file_matches_the_kernels_as_they_are() -> None:
     """kernels/tuned_defaults.json names the current kernels' sources and config lists (a kernel
     change must come with new choices from a GPU run, benchmarks/tuned_defaults.py), and every
     config it names is one of them."""
-    from sacli.kernels import triton_sampling, triton_sparse
-
-    tuners = {t.base_fn.__name__: t for t in (
-        triton_sampling._row_stats_tuned, triton_sampling._col_scores_tuned, triton_sparse._sparse_attn_fwd_tuned)}
+    tuners = tuning.product_tuners()
     shipped = json.loads(tuning.DEFAULTS_FILE.read_text())
     assert shipped["format"] == tuning.FORMAT and set(shipped["choices"]) and tuning._load_defaults()
     for context, entries in shipped["choices"].items():
