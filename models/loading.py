@@ -19,10 +19,7 @@ from sacli.config import Settings
 from sacli.errors import ContextLimitError, ModelError, UsageError
 from sacli.models.attention import ATTENTION_NAME, register_attention
 from sacli.models import warmup
-from sacli.models.registry import validate_model_dir
-
-# RoPE types whose `factor` stretches the trained positions over `original_max_position_embeddings`.
-_STRETCHING_ROPE = ("yarn", "linear", "dynamic")
+from sacli.models.registry import STRETCHING_ROPE, validate_model_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,7 +82,7 @@ def _config_limit(config: Any) -> int:
     if not isinstance(limit, int) or limit <= 0:
         raise ModelError("the model config has no max_position_embeddings; cannot tell its context length")
     params = _rope_params(config)
-    if params and params.get("rope_type") in _STRETCHING_ROPE and params.get("factor"):
+    if params and params.get("rope_type") in STRETCHING_ROPE and params.get("factor"):
         original = params.get("original_max_position_embeddings") or limit
         limit = max(limit, int(original * float(params["factor"])))
     return limit

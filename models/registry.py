@@ -118,13 +118,39 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+# RoPE types whose `factor` stretches the trained positions over `original_max_position_embeddings`.
+STRETCHING_ROPE = ("yarn", "linear", "dynamic")
+
+
+def config_context(config: dict) -> int | None:
+    """The context length that a model's config.json states plainly, as loading.context_limit
+    reads it through transformers (a stretching RoPE scaling counts); None when the file alone
+    does not say (no top-level max_position_embeddings, an unexpected RoPE entry), so that the
+    caller asks transformers, which fills in defaults and per-architecture names."""
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None
+    params = config.get("rope_parameters", config.get("rope_scaling"))
+    if params is None or (isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values())):
+        return limit  # no scaling, or one RoPE per layer type (loading reads no global factor then)
+    if not isinstance(params, dict):
+        return None
+    factor = params.get("factor")
+    if params.get("rope_type", params.get("type")) in STRETCHING_ROPE and factor:
+        if not isinstance(factor, (int, float)):
+            return None
+        original = params.get("original_max_position_embeddings") or limit
+        return max(limit, int(original * float(factor)))
+    return limit
+
+
 def list_models() -> list[ModelInfo]:
     """Every valid model directory under <sacli home>/models, sorted by name.
 
-    Directories starting with "." are temporaries of an unfinished pull and are skipped.
+    Directories starting with "." are temporaries of an unfinished pull and are skipped. The
+    context comes from config.json where it says it plainly (config_context), so that listing
+    does not import transformers and torch (about 2 s).
     """
-    from sacli.models.loading import context_limit
-
     root = models_dir()
     if not root.is_dir():
         return []
@@ -135,7 +161,11 @@ def list_models() -> list[ModelInfo]:
         try:
             validate_model_dir(path)
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            context = context_limit(path)
+            context = config_context(config) if isinstance(config, dict) else None
+            if context is None:
+                from sacli.models.loading import context_limit
+
+                context = context_limit(path)
         except (ModelError, OSError, ValueError):
             continue
         infos.append(ModelInfo(path.name, path, _dir_size(path), _architecture(config), context))

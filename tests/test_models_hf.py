@@ -242,6 +242,41 @@ def test_context_limit_honours_rope_scaling_in_config(tmp_path):
     assert context_limit(path) == 512
 
 
+_ROPES = [
+    None,
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0},
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    {"type": "dynamic", "factor": 3.0},  # the older key and name
+]
+
+
+# Phi-3's config accepts only its own (longrope) scaling: transformers refuses the others
+@pytest.mark.parametrize("arch, rope", [(a, r) for a in sorted(ARCHS) for r in _ROPES if r is None or a != "phi3"])
+def test_the_listing_reads_the_context_as_loading_does(tmp_path, arch, rope):
+    """`sacli models` reads the context from config.json without transformers; where it gives a
+    number, it is the one transformers' reading gives (a None makes the listing ask transformers)."""
+    from sacli.models.registry import config_context
+
+    path = make_tiny(tmp_path, arch, max_position_embeddings=128)
+    config = json.loads((path / "config.json").read_text())
+    if rope is not None:
+        config.pop("rope_parameters", None)
+        config["rope_scaling" if "type" in rope else "rope_parameters"] = rope
+        (path / "config.json").write_text(json.dumps(config))
+    plain = config_context(json.loads((path / "config.json").read_text()))
+    assert plain is not None
+    assert plain == context_limit(path)
+
+
+def test_the_listing_asks_transformers_when_the_file_does_not_say():
+    from sacli.models.registry import config_context
+
+    assert config_context({"n_positions": 1024}) is None  # another name for it: transformers maps it
+    assert config_context({"max_position_embeddings": 128, "rope_scaling": "yarn"}) is None
+    assert config_context({"max_position_embeddings": 128, "rope_parameters": {"rope_type": "yarn", "factor": "4"}}) is None
+    assert config_context({"max_position_embeddings": 128, "rope_parameters": {"rope_type": "default"}}) == 128
+
+
 class _ByteTokenizer:
     """Each token is one UTF-8 byte, so multi-byte characters span several tokens."""
 
