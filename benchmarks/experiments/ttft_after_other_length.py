@@ -7,7 +7,7 @@ of the default model ran at 0.89-0.98x of dense in processes that had run a spar
 first, 1.17x otherwise. This runs, in one process, the model loaded as `bench ttft` loads it
 (YaRN stretched to the length, reloaded per length), sparse prefill forced:
   16K x 9  ->  8K x 4 (another model object)  ->  16K x 9 (reloaded)   (--long, --short, --repeats)
-and records per run: TTFT, the CPU time the process spent in it, the sum of the layers' GPU
+(--collect: collecting each dropped model before the next loads) and records per run: TTFT, the CPU time the process spent in it, the sum of the layers' GPU
 times (CUDA events) and whether the sparse pipeline replayed a CUDA graph.
 """
 
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=16384)
     parser.add_argument("--short", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--collect", action="store_true",
+                        help="gc.collect() and torch.cuda.empty_cache() after each model is dropped")
     a = parser.parse_args()
 
     from sacli.bench import _load_default_model, _text_ids
@@ -54,6 +56,11 @@ def main() -> None:
                          "graphs": graphs.status()})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "graphs"}), file=sys.stderr, flush=True)
         del lm
+        if a.collect:
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
     a.out.write_text(json.dumps({
         "experiment": "TTFT of a sparse 16K prefill before and after a sparse 8K one, one process",
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
