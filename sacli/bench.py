@@ -435,6 +435,7 @@ def bench_model(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Workload (a): Q/K/V of the real model on `text`, adaptive selection at each length."""
     from sacli.kernels import sample_attention
+    from sacli.models.loading import release_memory
 
     lm, _ = _load_default_model(max(lengths), model)
     n_layers = lm.model.config.num_hidden_layers
@@ -445,6 +446,7 @@ def bench_model(
     shape = {"model": lm.name, "heads": q0.shape[1], "kv_heads": captured[use[0]][1].shape[1], "head_dim": q0.shape[3],
              "layers": use, "rope_scaled": lm.rope_scaled, "text": text.name}
     del lm
+    release_memory()
     results = []
     for S in lengths:
         per_layer = []
@@ -560,6 +562,7 @@ def bench_ttft_default(
     import dataclasses
 
     from sacli.models.generate import decoder_layers, generate
+    from sacli.models.loading import release_memory
 
     results = []
     lm: Any = None
@@ -567,6 +570,7 @@ def bench_ttft_default(
         # Loaded per length: past the trained context YaRN is stretched to the prompt, as
         # `sacli ask` does, so each length runs the model a user would get at that length.
         del lm
+        release_memory()
         lm, settings = _load_default_model(S, model)
         ids = _text_ids(lm, text, S)
         layers = decoder_layers(lm.model)

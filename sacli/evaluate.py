@@ -134,11 +134,13 @@ class ModelCache:
         return self._tokenizer
 
     def get(self, needed_tokens: int) -> Any:
-        from sacli.models.loading import load_model
+        from sacli.models.loading import load_model, release_memory
 
         key = None if needed_tokens <= self.native else needed_tokens
         if self._lm is None or key != self._key:
-            self._lm = None
+            if self._lm is not None:
+                self._lm = None
+                release_memory()
             self._lm = load_model(self.path, self.settings, needed_tokens, tokenizer=self._tokenizer)
             self._key = key
         return self._lm

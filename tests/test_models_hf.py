@@ -323,6 +323,43 @@ def test_half_precision_head_returns_float32_logits_that_break_bfloat16_ties():
     assert int(logits.argmax(-1)) == 1
 
 
+def test_the_float32_head_is_freed_with_its_model(tiny):
+    """The float32 head makes no reference cycle (a bound method set on the head did, which kept
+    the head and its weight, the tied embedding, alive until a garbage collection)."""
+    import gc
+    import weakref
+
+    lm = load_model(tiny("llama"), dataclasses.replace(EXACT, dtype="bfloat16"), SEQ + 8)
+    head = lm.model.get_output_embeddings()
+    assert head(torch.zeros(1, 1, 64, dtype=torch.bfloat16)).dtype == torch.float32
+    ref = weakref.ref(head)
+    gc.disable()
+    try:
+        del lm, head
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_release_memory_frees_a_model_kept_by_a_cycle(tiny):
+    import gc
+    import weakref
+
+    from sacli.models.loading import release_memory
+
+    lm = load_model(tiny("llama"), EXACT, SEQ + 8)
+    ref = weakref.ref(lm.model)
+    gc.disable()
+    try:
+        lm.model.keep = [lm.model]  # a cycle, as transformers' loading can leave one
+        del lm
+        assert ref() is not None
+        release_memory()
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_float32_logits_leaves_float32_heads_alone(tiny):
     from sacli.models.loading import float32_logits
 
