@@ -189,11 +189,11 @@ def float32_logits(model: torch.nn.Module) -> bool:
 
 def release_memory() -> None:
     """Free what dropped models still hold. A model whose last reference is gone can live on in
-    reference cycles (transformers' loading leaves one through a frame) until Python's next full
-    collection, with its GPU memory; on an H100, sparse prefills of a process that had dropped
-    two models that way ran 5-9 ms slower at 16K than after collecting them
-    (benchmarks/experiments/ttft_after_other_length.py). Call it after dropping a model when
-    another one loads in the same process."""
+    reference cycles (transformers' loading leaves one through a frame of the first load) until
+    Python's next full collection, with its GPU memory. Call it after dropping a model when
+    another one loads in the same process (bench, eval). Whether lingering models slow later
+    prefills was measured twice without a clear answer (docs/BENCHMARKS.md, "Time to first
+    token")."""
     import gc
 
     gc.collect()
