@@ -156,7 +156,8 @@ class _Float32Linear(torch.nn.Linear):
     """A Linear whose forward returns float32 whatever the weights' dtype (no float32 weight copy
     on CUDA: the GEMM accumulates in float32 anyway and here also stores float32). Swapped in as
     the head's class: a bound method set on the instance instead made a reference cycle that kept
-    a dropped model, and its GPU memory, alive until Python's next full garbage collection."""
+    the head and its weight (often the tied embedding) alive after its model was dropped, until
+    Python's next full garbage collection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])

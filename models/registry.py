@@ -149,7 +149,8 @@ def list_models() -> list[ModelInfo]:
 
     Directories starting with "." are temporaries of an unfinished pull and are skipped. The
     context comes from config.json where it says it plainly (config_context), so that listing
-    does not import transformers and torch (about 2 s).
+    does not import transformers and torch (seconds: 4.8 s against 0.24 s on a 2-core machine,
+    benchmarks/raw/v21_cli_models_cpu_*.json).
     """
     root = models_dir()
     if not root.is_dir():
