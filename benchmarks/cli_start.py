@@ -22,7 +22,7 @@ from pathlib import Path
 
 def main() -> None:
     argv = sys.argv[1:]
-    head, *commands = " ".join(argv).split(" -- ") if " -- " in " ".join(argv) else (" ".join(argv),)
+    head, *commands = " ".join(argv).split(" -- ")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--runs", type=int, default=5)

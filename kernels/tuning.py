@@ -59,10 +59,10 @@ def current_file() -> Path | None:
     return _path
 
 
-def _load() -> dict[str, dict[str, str]]:
-    assert _path is not None
+def _read(path: Path) -> dict[str, dict[str, str]]:
+    """The choices of a file in this module's format; {} for a missing or unreadable one."""
     try:
-        data = json.loads(_path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("choices"), dict):
@@ -123,16 +123,6 @@ def portable_context(tuner: Any, gpu: str) -> str:
     return " | ".join((tuner.base_fn.__name__, source, configs, gpu))
 
 
-def _load_defaults() -> dict[str, dict[str, str]]:
-    try:
-        data = json.loads(DEFAULTS_FILE.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("choices"), dict):
-        return {}
-    return {c: dict(e) for c, e in data["choices"].items() if isinstance(e, dict)}
-
-
 def _plain(key: tuple) -> bool:
     return all(isinstance(x, (bool, int, float, str)) or x is None for x in key)
 
@@ -149,10 +139,11 @@ def _fill(tuner: Any, entries: dict[str, str], configs: dict[str, Any]) -> None:
 
 def _restore(tuner: Any, ctx: str, device: torch.device) -> None:
     global _store, _defaults
+    assert _path is not None
     if _store is None:
-        _store = _load()
+        _store = _read(_path)
     if _defaults is None:
-        _defaults = _load_defaults()
+        _defaults = _read(DEFAULTS_FILE)
     _fill(tuner, _store.get(ctx, {}), {str(c): c for c in tuner.configs})
     shipped = _defaults.get(portable_context(tuner, gpu_model(device)), {})  # only what the file lacks
     _fill(tuner, shipped, {portable_config(c): c for c in tuner.configs})
@@ -162,7 +153,7 @@ def _restore(tuner: Any, ctx: str, device: torch.device) -> None:
 def _save(tuner: Any, ctx: str) -> None:
     assert _path is not None
     new = {json.dumps(list(k)): str(c) for k, c in tuner.cache.items() if _plain(k)}
-    merged = _load()  # other processes may have written since
+    merged = _read(_path)  # other processes may have written since
     merged.setdefault(ctx, {}).update(new)
     tmp = None
     try:

@@ -197,7 +197,7 @@ def test_the_shipped_file_matches_the_kernels_as_they_are() -> None:
     config it names is one of them."""
     tuners = tuning.product_tuners()
     shipped = json.loads(tuning.DEFAULTS_FILE.read_text())
-    assert shipped["format"] == tuning.FORMAT and set(shipped["choices"]) and tuning._load_defaults()
+    assert shipped["format"] == tuning.FORMAT and set(shipped["choices"]) and tuning._read(tuning.DEFAULTS_FILE)
     for context, entries in shipped["choices"].items():
         name, _source, _configs, gpu = context.split(" | ")
         assert context == tuning.portable_context(tuners[name], gpu), f"{name}: stale shipped choices"
