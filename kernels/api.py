@@ -22,7 +22,7 @@ from . import backend as _backend
 from . import graphs as _graphs
 from .reference import check_qkv, dense_attention
 from .rules import DEFAULT_SEGMENTS, SegmentConfig, select_adaptive, select_segments
-from .selection import Selection, fraction_to_tokens, sample_rows
+from .selection import Selection, chunk_sample_rows, fraction_to_tokens, sample_rows, stack_chunks
 
 
 @dataclass
@@ -84,6 +84,7 @@ def sample_attention(
     rule: str = "sample",
     segments: SegmentConfig = DEFAULT_SEGMENTS,
     graphs: bool | None = None,
+    chunk: int = 0,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Causal SampleAttention for a prefill.
 
@@ -102,6 +103,12 @@ def sample_attention(
         select_segments: per-head windows and, per segment of 128 query rows, its own columns from
         that segment's sampled rows (sparser at equal error on long inputs; stage 1 in PyTorch).
     segments: tuning of the "segments" rule (kernels/rules.SegmentConfig).
+    chunk: "sample" rule only. 0: one column list per head, scored by 64-row blocks of sampled
+        rows spread over the whole sequence (the paper's first version). A multiple of 128 (the
+        sparse kernel's query blocks): every chunk of that many query rows gets its own columns,
+        scored by its own sampled rows (sample_ratio of them, on an even stride ending at its
+        last row), as in the later version's chunked sampling; a segmented Selection. Sequences
+        of at most `chunk` rows use one list.
     graphs: replay the pipeline as a CUDA graph from the second call of a shape on (kernels/
         graphs.py; CUDA tensors only, ignored otherwise); None: on for the "sample" rule on the
         Triton backend, unless the environment sets SACLI_CUDA_GRAPHS=0.
@@ -129,22 +136,46 @@ def sample_attention(
         out = _backend.sparse_attention(q, k, v, sel, scale, backend=backend)
         return out, AttentionStats(routed="sparse", density=sel.density().to(torch.float32), selection=sel)
     assert rule == "sample", f"rule must be 'sample', 'adaptive' or 'segments', got {rule!r}"
+    assert chunk >= 0 and chunk % 128 == 0, f"chunk must be 0 or a multiple of 128, got {chunk}"
     name = _backend.choose_backend(backend, q, k, v)
+    segment = chunk if 0 < chunk < S else 0
 
     def pipeline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         window_tokens = fraction_to_tokens(window, S)
-        rows = sample_rows(S, sample_ratio, device=q.device)
-        scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=name)
-        sel, counts, density = _backend.selection_stage(scores, window_mass, alpha, window_tokens, S, backend=name)
+        if segment:
+            sel, counts, density = _chunked_selection(q, k, window_tokens, scale, alpha, sample_ratio, segment, name)
+        else:
+            rows = sample_rows(S, sample_ratio, device=q.device)
+            scores, window_mass = _backend.column_scores(q, k, rows, window_tokens, scale, backend=name)
+            sel, counts, density = _backend.selection_stage(scores, window_mass, alpha, window_tokens, S, backend=name)
         out = _backend.sparse_attention(q, k, v, sel, scale, backend=name, counts=counts, window_hint=window_tokens)
         return out, density, sel.window, sel.cols, sel.ncols
 
     if graphs is None:
         graphs = name == "triton" and q.is_cuda and os.environ.get(GRAPHS_ENV, "1").strip() != "0"
     if graphs and q.is_cuda:
-        key = ("sample", alpha, window, sample_ratio, float(scale), name)
+        key = ("sample", alpha, window, sample_ratio, float(scale), name, segment)
         out, density, win, cols, ncols = _graphs.run_graphed(key, q, k, v, pipeline)
     else:
         out, density, win, cols, ncols = pipeline(q, k, v)
-    sel = Selection(window=win, cols=cols, ncols=ncols, seq_len=S)
+    sel = Selection(window=win, cols=cols, ncols=ncols, seq_len=S, segment=segment)
     return out, AttentionStats(routed="sparse", density=density, selection=sel)
+
+
+def _chunked_selection(
+    q: torch.Tensor, k: torch.Tensor, window_tokens: int, scale: float, alpha: float, sample_ratio: float,
+    chunk: int, backend: str,
+) -> tuple[Selection, None, torch.Tensor]:
+    """Stages 1 and 2 with a column list per chunk of `chunk` query rows: each chunk's sampled
+    rows score the columns (one stage-1 launch per chunk), and stage 2 treats every (head,
+    chunk) as a head of its own. Returns (segmented sel, None, density (B, Hq) float32); the
+    sparse launcher counts each block's columns against its own chunk's list."""
+    B, H, S, _ = q.shape
+    parts = [_backend.column_scores(q, k, rows, window_tokens, scale, backend=backend)
+             for rows in chunk_sample_rows(S, chunk, sample_ratio, device=q.device)]
+    N = len(parts)
+    scores = torch.stack([sc for sc, _ in parts], 2).view(B, H * N, S)
+    window_mass = torch.stack([wm.mean(-1, keepdim=True) for _, wm in parts], 2).view(B, H * N, 1)
+    flat, _, _ = _backend.selection_stage(scores, window_mass, alpha, window_tokens, S, backend=backend)
+    sel = stack_chunks(flat, H, chunk)
+    return sel, None, sel.density().to(torch.float32)

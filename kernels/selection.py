@@ -150,6 +150,43 @@ def sample_rows(
     return (starts[:, None] + torch.arange(block, dtype=torch.int64, device=device)).reshape(-1)
 
 
+def chunk_sample_rows(
+    seq_len: int, chunk: int, sample_ratio: float, device: torch.device | str | None = None
+) -> list[torch.Tensor]:
+    """Query rows stage 1 samples for chunked selection: per chunk of `chunk` consecutive rows
+    (the last one may be shorter), ceil(sample_ratio x its rows) rows on an even stride ending
+    at its last row (the rows that see the most keys). A list of (R_c,) int64 tensors, sorted,
+    unique, built on `device` (no host-to-device copy, so the pipeline stays capturable).
+    """
+    assert seq_len >= 1 and chunk >= 1, f"seq_len and chunk must be >= 1, got {seq_len}, {chunk}"
+    assert 0 < sample_ratio <= 1, f"sample_ratio must be in (0, 1], got {sample_ratio}"
+    out = []
+    for s0 in range(0, seq_len, chunk):
+        n_rows = min(chunk, seq_len - s0)
+        n = fraction_to_tokens(sample_ratio, n_rows)
+        i = torch.arange(n - 1, -1, -1, dtype=torch.int64, device=device)
+        # floor(i * n_rows / n) strictly increases with i because n_rows >= n: rows stay unique
+        out.append(s0 + n_rows - 1 - (i * n_rows) // n)
+    return out
+
+
+def stack_chunks(sel: Selection, heads: int, chunk: int) -> Selection:
+    """A Selection made for B x (heads * N) 'heads' (head-major: every chunk of a head in turn)
+    as one segmented Selection of `heads` heads with a column list per chunk (segment = chunk).
+    Every chunk of a head must have the same window."""
+    B, HN = sel.window.shape
+    N = HN // heads
+    assert HN == heads * N and not sel.segment, f"expected B x {heads} * N one-list heads, got {tuple(sel.window.shape)}"
+    C = sel.cols.shape[-1]
+    return Selection(
+        window=sel.window.view(B, heads, N)[:, :, 0].contiguous(),
+        cols=sel.cols.view(B, heads, N, C),
+        ncols=sel.ncols.view(B, heads, N),
+        seq_len=sel.seq_len,
+        segment=chunk,
+    )
+
+
 def select_columns(
     scores: torch.Tensor,
     window_mass: torch.Tensor,

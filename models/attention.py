@@ -191,6 +191,7 @@ def sample_attention_forward(
             dense_below=s.dense_below,
             rule=s.rule,
             segments=s.segment_config(),
+            chunk=s.chunk,
         )
         routed, stats_density = stats.routed, stats.density
 

@@ -591,7 +591,8 @@ def bench_ttft_default(
         results.append(row)
     shape = {"model": lm.name, "layers": len(layers), "text": text.name, "yarn": "stretched to each length",
              "rule": settings.rule, "alpha": settings.alpha, "window": settings.window,
-             "sample_ratio": settings.sample_ratio, "sampled_levels": settings.sampled_levels}
+             "sample_ratio": settings.sample_ratio, "sampled_levels": settings.sampled_levels,
+             "chunk": settings.chunk}
     return results, shape
 
 

@@ -212,6 +212,10 @@ def ask(
         Optional[int],
         typer.Option("--sampled-levels", help="Rule segments: alpha levels tried on sampled rows before exact ranking; 0 all (default: 0)"),
     ] = None,
+    chunk: Annotated[
+        Optional[int],
+        typer.Option("--chunk", help="Rule sample: query rows per column list, 0 one per head or a multiple of 128 (default: 0)"),
+    ] = None,
     dense: Annotated[
         Optional[bool], typer.Option("--dense/--sparse", help="Dense attention in the prefill (for comparison)")
     ] = None,
@@ -262,6 +266,7 @@ def ask(
         dense_below=dense_below,
         rule=rule,
         sampled_levels=sampled_levels,
+        chunk=chunk,
         dense=dense,
         rope_scale=rope_scale,
         device=device,

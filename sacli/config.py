@@ -56,6 +56,10 @@ class Settings:
     # "segments" rule only: how many of its alpha levels a head tries on its sampled rows before
     # it is ranked from every row's exact attention; 0: all of them
     sampled_levels: int = 0
+    # "sample" rule only: query rows per column list. 0: one list per head (the paper's first
+    # version); a multiple of 128: each chunk of that many rows gets its own columns from its own
+    # sampled rows (the later version's chunked sampling)
+    chunk: int = 0
     # always use dense attention (for comparison)
     dense: bool = False
     # "none" refuses prompts over the trained context; "yarn" extends it by YaRN RoPE scaling
@@ -159,6 +163,8 @@ def check(s: Settings) -> None:
         raise UsageError(f"rule must be one of {', '.join(RULES)}; got {s.rule!r}")
     if s.sampled_levels < 0:
         raise UsageError(f"sampled_levels must be >= 0 (0: all levels), got {s.sampled_levels}")
+    if s.chunk < 0 or s.chunk % 128:
+        raise UsageError(f"chunk must be 0 or a multiple of 128, got {s.chunk}")
     if s.rope_scale not in {"none", "yarn"}:
         raise UsageError(f"rope_scale must be 'none' or 'yarn', got {s.rope_scale!r}")
     if s.dtype not in {"auto", "float32", "bfloat16", "float16"}:

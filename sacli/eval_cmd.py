@@ -39,6 +39,10 @@ LevelsOpt = Annotated[
     Optional[int],
     typer.Option("--sampled-levels", help="Rule segments: alpha levels tried on sampled rows before exact ranking; 0 all [default: 0]"),
 ]
+ChunkOpt = Annotated[
+    Optional[int],
+    typer.Option("--chunk", help="Rule sample: query rows per column list, 0 one per head or a multiple of 128 [default: 0]"),
+]
 DenseBelowOpt = Annotated[
     Optional[int], typer.Option("--dense-below", help="Dense prefill below this many tokens; -1 automatic [default: 0]")
 ]
@@ -147,6 +151,7 @@ def fidelity(
     window: WindowOpt = None,
     sample_ratio: SampleOpt = None,
     sampled_levels: LevelsOpt = None,
+    chunk: ChunkOpt = None,
     dense_below: DenseBelowOpt = None,
     rope_scale: RopeOpt = None,
     device: DeviceOpt = None,
@@ -160,7 +165,7 @@ def fidelity(
     from sacli import evaluate as ev
 
     settings = _settings(
-        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
+        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels, chunk=chunk,
         dense_below=dense_below, rope_scale=rope_scale, device=device, dtype=dtype,
     )
     rules = _check_rules(rule)
@@ -221,6 +226,7 @@ def ppl(
     window: WindowOpt = None,
     sample_ratio: SampleOpt = None,
     sampled_levels: LevelsOpt = None,
+    chunk: ChunkOpt = None,
     dense_below: DenseBelowOpt = None,
     rope_scale: RopeOpt = None,
     device: DeviceOpt = None,
@@ -236,7 +242,7 @@ def ppl(
     from sacli import evaluate as ev
 
     settings = _settings(
-        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
+        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels, chunk=chunk,
         dense_below=dense_below, rope_scale=rope_scale, device=device, dtype=dtype,
     )
     rules = _check_rules(rule)
@@ -285,6 +291,7 @@ def niah(
     window: WindowOpt = None,
     sample_ratio: SampleOpt = None,
     sampled_levels: LevelsOpt = None,
+    chunk: ChunkOpt = None,
     dense_below: DenseBelowOpt = None,
     rope_scale: RopeOpt = None,
     device: DeviceOpt = None,
@@ -300,7 +307,7 @@ def niah(
     from sacli import evaluate as ev
 
     settings = _settings(
-        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels,
+        model=model, alpha=alpha, window=window, sample_ratio=sample_ratio, sampled_levels=sampled_levels, chunk=chunk,
         dense_below=dense_below, rope_scale=rope_scale, device=device, dtype=dtype, max_new_tokens=max_new_tokens, temperature=0.0,
     )
     rules = _check_rules(rule)

@@ -87,7 +87,7 @@ def _product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s:
 
     _, stats = sample_attention(
         q, k, v, alpha=s.alpha, window=s.window, sample_ratio=s.sample_ratio, scale=scale,
-        dense_below=s.dense_below, rule=s.rule, segments=s.segment_config(),
+        dense_below=s.dense_below, rule=s.rule, segments=s.segment_config(), chunk=s.chunk,
     )
     if stats.selection is not None:
         return stats.selection

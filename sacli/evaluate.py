@@ -80,6 +80,7 @@ def run_header(settings: Settings, device: torch.device, model_name: str) -> dic
         "window": settings.window,
         "sample_ratio": settings.sample_ratio,
         "sampled_levels": settings.sampled_levels,
+        "chunk": settings.chunk,
         "dense_below": settings.dense_below,
         "rope_scale": settings.rope_scale,
         "dtype": settings.dtype,

@@ -151,6 +151,8 @@ def fingerprint(settings: Settings, options: JobOptions) -> tuple[dict[str, Any]
         )
         if settings.rule == "segments":
             values["sampled_levels"] = settings.sampled_levels
+        if settings.chunk:
+            values["chunk"] = settings.chunk
     canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return values, hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 

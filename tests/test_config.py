@@ -95,6 +95,8 @@ def test_boolean_environment_values(raw: str, expected: bool) -> None:
         ({"dtype": "int8"}, "dtype"),
         ({"temperature": -1.0}, "temperature"),
         ({"sampled_levels": -1}, "sampled_levels"),
+        ({"chunk": 100}, "chunk"),
+        ({"chunk": -128}, "chunk"),
     ],
 )
 def test_out_of_range_values(override: dict, message: str) -> None:
@@ -109,3 +111,25 @@ def test_sampled_levels_reach_the_segments_rule_config(levels: int, expected: in
     cfg = load_settings({"sampled_levels": levels}, environ={}).segment_config()
     assert cfg.sampled_levels == expected
     assert cfg == dataclasses.replace(DEFAULT_SEGMENTS, sampled_levels=expected)
+
+
+def test_chunk_reaches_the_attention_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunk knob set in the environment arrives at sample_attention through the product's
+    evaluation rule, like the other knobs."""
+    import torch
+
+    from sacli import eval_rules
+    from sacli.kernels import api
+
+    seen: list[int] = []
+    real = api.sample_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["chunk"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("sacli.kernels.sample_attention", spy)
+    settings = load_settings({"dense_below": 0}, environ={"SACLI_CHUNK": "256"})
+    q = torch.randn(1, 2, 300, 64)
+    sel = eval_rules.selector("product", settings)(q, q[:, :1], q[:, :1], 0.125)
+    assert seen == [256] and sel.segment == 256

@@ -350,3 +350,74 @@ def test_sample_attention_segments_rule_matches_sparse_reference_on_its_selectio
     assert torch.equal(stats.selection.window, sel.window) and torch.equal(stats.selection.cols, sel.cols)
     torch.testing.assert_close(out, sparse_ref(q, k, v, sel, 0.125), rtol=1e-5, atol=1e-5)
     assert 0.0 < stats.mean_density <= 1.0
+
+
+@pytest.mark.parametrize("S,chunk,ratio", [(700, 256, 0.05), (512, 128, 0.02), (1000, 384, 0.5), (130, 128, 1.0)])
+def test_chunk_sample_rows_cover_every_chunk(S: int, chunk: int, ratio: float) -> None:
+    """Per chunk: ceil(ratio x its rows) rows inside it, sorted and unique, on an even stride
+    that ends at its last row (the short last chunk included)."""
+    import math
+
+    from sacli.kernels.selection import chunk_sample_rows
+
+    parts = chunk_sample_rows(S, chunk, ratio)
+    assert len(parts) == -(-S // chunk)
+    for c, r in enumerate(parts):
+        s0, s1 = c * chunk, min(S, (c + 1) * chunk)
+        assert r.dtype == torch.int64 and r.numel() == math.ceil(round(ratio * (s1 - s0), 6))
+        assert int(r.min()) >= s0 and int(r[-1]) == s1 - 1
+        assert bool((r[1:] > r[:-1]).all())
+        gaps = (r[1:] - r[:-1]).tolist()
+        assert not gaps or max(gaps) - min(gaps) <= 1
+
+
+def test_sample_attention_chunked_selection_is_each_chunks_own() -> None:
+    """chunk > 0: every chunk of query rows gets the columns that select_columns picks from that
+    chunk's own sampled rows alone; the output is exact attention over that segmented
+    selection, and the density is the selection's."""
+    from sacli.kernels import column_scores, sample_attention, select_columns
+    from sacli.kernels.reference import sparse_attention as sparse_ref
+    from sacli.kernels.selection import chunk_sample_rows
+
+    torch.manual_seed(9)
+    S, chunk, w = 700, 256, 35
+    q = 0.1 * torch.randn(1, 4, S, 64)
+    k = 0.1 * torch.randn(1, 2, S, 64)
+    v = torch.randn(1, 2, S, 64)
+    # every row reads key 0 (a sink); the second chunk's rows read key 40 even more
+    k[0, 0, 0, 0] += 1.0
+    k[0, 0, 40, 1] += 1.0
+    q[0, :, :, 0] += 8.0
+    q[0, :, 256:512, 1] += 9.0
+    alpha, scale = 0.5, 1.0
+    out, stats = sample_attention(q, k, v, alpha=alpha, window=0.05, sample_ratio=0.05, scale=scale,
+                                  chunk=chunk, backend="torch")
+    sel = stats.selection
+    assert stats.routed == "sparse" and sel.segment == chunk and sel.cols.shape[:3] == (1, 4, 3)
+    assert bool((sel.window == w).all())
+    for c, rows in enumerate(chunk_sample_rows(S, chunk, 0.05)):
+        scores, mass = column_scores(q, k, rows, w, scale)
+        own = select_columns(scores, mass, alpha, w, S)
+        for h in range(4):
+            n = int(own.ncols[0, h])
+            assert int(sel.ncols[0, h, c]) == n
+            assert torch.equal(sel.cols[0, h, c, :n], own.cols[0, h, :n])
+    lists = [sel.cols[0, 0, c, : int(sel.ncols[0, 0, c])].tolist() for c in range(3)]
+    assert lists == [[0], [40], [0]], lists
+    torch.testing.assert_close(out, sparse_ref(q, k, v, sel, scale), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.density, sel.density().float())
+
+
+def test_sample_attention_chunk_covering_the_sequence_is_one_list() -> None:
+    """A chunk at least as long as the sequence leaves the one-list-per-head path unchanged."""
+    from sacli.kernels import sample_attention
+
+    torch.manual_seed(10)
+    q, k, v = torch.randn(1, 2, 300, 64), torch.randn(1, 1, 300, 64), torch.randn(1, 1, 300, 64)
+    knobs = {"alpha": 0.9, "window": 0.05, "sample_ratio": 0.05, "backend": "torch"}
+    out0, st0 = sample_attention(q, k, v, **knobs)
+    out1, st1 = sample_attention(q, k, v, chunk=384, **knobs)
+    assert st1.selection.segment == 0
+    assert torch.equal(out0, out1) and torch.equal(st0.selection.cols, st1.selection.cols)
+    with pytest.raises(AssertionError, match="chunk"):
+        sample_attention(q, k, v, chunk=100, **knobs)
