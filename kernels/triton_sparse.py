@@ -339,17 +339,22 @@ def column_counts(sel: Selection, block_m: int) -> torch.Tensor:
     m1 = (m0 + block_m).clamp(max=S)
     w = sel.window.reshape(B * H, 1).to(torch.int64)
     thresholds = torch.stack((m0[None, :] - w + 1, m1[None, :] - w), dim=-1)  # (B*H, n_mblk, 2)
-    seg_of = (m0 // seg).clamp(max=N - 1)
     if N == 1:
         flat = cols.reshape(B * H, C).to(torch.int64).contiguous()
         counts = torch.searchsorted(flat, thresholds.reshape(B * H, 2 * n_mblk).contiguous(), side="left")
         counts = torch.minimum(counts, ncols.reshape(B * H, 1).to(torch.int64)).reshape(B * H, n_mblk, 2)
     else:
-        # each block against its segment's list: one searchsorted row per (head, block)
-        flat = cols.reshape(B * H, N, C)[:, seg_of].to(torch.int64).reshape(B * H * n_mblk, C).contiguous()
-        counts = torch.searchsorted(flat, thresholds.reshape(B * H * n_mblk, 2).contiguous(), side="left")
-        limit = ncols.reshape(B * H, N)[:, seg_of].to(torch.int64).reshape(B * H * n_mblk, 1)
-        counts = torch.minimum(counts, limit).reshape(B * H, n_mblk, 2)
+        # each segment's list searched once for the thresholds of all its blocks (consecutive,
+        # since the segment is a multiple of block_m); the list is not copied per block
+        per = seg // block_m
+        pad = N * per - n_mblk  # the last segment may be short
+        if pad:
+            thresholds = torch.cat((thresholds, thresholds[:, -1:].expand(B * H, pad, 2)), dim=1)
+        flat = cols.reshape(B * H * N, C).contiguous()
+        counts = torch.searchsorted(flat, thresholds.reshape(B * H * N, 2 * per).to(flat.dtype).contiguous(),
+                                    side="left")
+        counts = torch.minimum(counts, ncols.reshape(B * H * N, 1).to(counts.dtype))
+        counts = counts.reshape(B * H, N * per, 2)[:, :n_mblk]
     return counts.to(torch.int32).contiguous()
 
 

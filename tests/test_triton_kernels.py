@@ -529,3 +529,25 @@ def test_sample_attention_chunked_triton_equals_torch():
             assert torch.equal(a.cols[0, h, c, :n].cpu(), b.cols[0, h, c, :n])
     torch.testing.assert_close(st_t.density.cpu(), st_r.density)
     torch.testing.assert_close(out_t.cpu(), out_r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("S,segment,block_m", [(300, 64, 16), (257, 128, 32), (100, 32, 32)])
+def test_segmented_column_counts_against_brute_force(S, segment, block_m):
+    """Per query block [m0, m1): its own segment's columns <= m0 - w and <= m1 - 1 - w, with
+    several blocks per segment and a short last segment."""
+    from sacli.kernels.triton_sparse import column_counts
+
+    sel = _random_segmented_selection(2, 3, S, segment, seed=S + segment)
+    counts = column_counts(sel, block_m).cpu()
+    n_mblk = -(-S // block_m)
+    assert tuple(counts.shape) == (6, n_mblk, 2)
+    cols, ncols, win = sel.cols.cpu(), sel.ncols.cpu(), sel.window.cpu()
+    for b in range(2):
+        for h in range(3):
+            w = int(win[b, h])
+            for m in range(n_mblk):
+                m0, m1 = m * block_m, min(S, (m + 1) * block_m)
+                n = m0 // segment
+                listed = cols[b, h, n, : int(ncols[b, h, n])]
+                expect = [int((listed <= m0 - w).sum()), int((listed <= m1 - 1 - w).sum())]
+                assert counts[b * 3 + h, m].tolist() == expect, (b, h, m)
