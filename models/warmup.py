@@ -120,7 +120,7 @@ def start(settings: Settings, config: Any, device: torch.device, dtype: torch.dt
             v = torch.randn(1, hkv, tokens, d, device=device, dtype=dtype)
             out, stats = sample_attention(
                 q, k, v, alpha=settings.alpha, window=settings.window, sample_ratio=settings.sample_ratio,
-                scale=d**-0.5, dense_below=0, rule="sample", graphs=False,
+                scale=d**-0.5, dense_below=0, rule="sample", graphs=False, chunk=settings.chunk,
             )
             del q, k, v, out, stats
         stream.synchronize()
