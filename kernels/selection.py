@@ -151,22 +151,31 @@ def sample_rows(
 
 
 def chunk_sample_rows(
-    seq_len: int, chunk: int, sample_ratio: float, device: torch.device | str | None = None
+    seq_len: int, chunk: int, sample_ratio: float, device: torch.device | str | None = None, tail: int = 64
 ) -> list[torch.Tensor]:
     """Query rows stage 1 samples for chunked selection: per chunk of `chunk` consecutive rows
     (the last one may be shorter), ceil(sample_ratio x its rows) rows on an even stride ending
-    at its last row (the rows that see the most keys). A list of (R_c,) int64 tensors, sorted,
-    unique, built on `device` (no host-to-device copy, so the pipeline stays capturable).
+    at its last row. The last chunk also takes the sequence's last `tail` rows, as `sample_rows`
+    does: in a prompt they hold the question, whose far keys (the passage it asks about) no
+    other row may read. A list of (R_c,) int64 tensors, sorted, unique, built on `device` (no
+    host-to-device copy, so the pipeline stays capturable).
     """
     assert seq_len >= 1 and chunk >= 1, f"seq_len and chunk must be >= 1, got {seq_len}, {chunk}"
     assert 0 < sample_ratio <= 1, f"sample_ratio must be in (0, 1], got {sample_ratio}"
+    assert tail >= 0, f"tail must be >= 0, got {tail}"
     out = []
     for s0 in range(0, seq_len, chunk):
         n_rows = min(chunk, seq_len - s0)
         n = fraction_to_tokens(sample_ratio, n_rows)
-        i = torch.arange(n - 1, -1, -1, dtype=torch.int64, device=device)
-        # floor(i * n_rows / n) strictly increases with i because n_rows >= n: rows stay unique
-        out.append(s0 + n_rows - 1 - (i * n_rows) // n)
+        # stride rows s0 + n_rows - 1 - floor(i * n_rows / n), i = n-1 .. 0: ascending, and
+        # unique because n_rows >= n; the last chunk leaves its last t rows to the tail block
+        t = min(tail, n_rows) if s0 + chunk >= seq_len else 0
+        first = -(-t * n // n_rows)  # the smallest i whose row lies before the last t rows
+        i = torch.arange(n - 1, first - 1, -1, dtype=torch.int64, device=device)
+        rows = s0 + n_rows - 1 - (i * n_rows) // n
+        if t:
+            rows = torch.cat((rows, torch.arange(seq_len - t, seq_len, dtype=torch.int64, device=device)))
+        out.append(rows)
     return out
 
 

@@ -355,7 +355,8 @@ def test_sample_attention_segments_rule_matches_sparse_reference_on_its_selectio
 @pytest.mark.parametrize("S,chunk,ratio", [(700, 256, 0.05), (512, 128, 0.02), (1000, 384, 0.5), (130, 128, 1.0)])
 def test_chunk_sample_rows_cover_every_chunk(S: int, chunk: int, ratio: float) -> None:
     """Per chunk: ceil(ratio x its rows) rows inside it, sorted and unique, on an even stride
-    that ends at its last row (the short last chunk included)."""
+    that ends at its last row (the short last chunk included); the last chunk also holds the
+    sequence's last 64 rows."""
     import math
 
     from sacli.kernels.selection import chunk_sample_rows
@@ -364,11 +365,20 @@ def test_chunk_sample_rows_cover_every_chunk(S: int, chunk: int, ratio: float) -
     assert len(parts) == -(-S // chunk)
     for c, r in enumerate(parts):
         s0, s1 = c * chunk, min(S, (c + 1) * chunk)
-        assert r.dtype == torch.int64 and r.numel() == math.ceil(round(ratio * (s1 - s0), 6))
-        assert int(r.min()) >= s0 and int(r[-1]) == s1 - 1
+        n = math.ceil(round(ratio * (s1 - s0), 6))
+        assert r.dtype == torch.int64 and int(r.min()) >= s0 and int(r[-1]) == s1 - 1
         assert bool((r[1:] > r[:-1]).all())
-        gaps = (r[1:] - r[:-1]).tolist()
+        stride = r if s1 < S else r[r < S - min(64, s1 - s0)]
+        gaps = (stride[1:] - stride[:-1]).tolist()
         assert not gaps or max(gaps) - min(gaps) <= 1
+        if s1 < S:
+            assert r.numel() == n
+        else:
+            tail = min(64, s1 - s0)
+            assert torch.equal(r[-tail:], torch.arange(S - tail, S))
+            # the stride rows of the last chunk outside its tail are kept, the rest fall in it
+            full = (s0 + (s1 - s0) - 1 - (torch.arange(n) * (s1 - s0)) // n).flip(0)
+            assert torch.equal(stride, full[full < S - tail])
 
 
 def test_sample_attention_chunked_selection_is_each_chunks_own() -> None:
