@@ -43,17 +43,22 @@ def kernel_times(fn):
             if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def profile_shape(Hq, Hkv, D, S):
+def structured_inputs(Hq, Hkv, D, S):
+    """Random bf16 (q, k, v) of one sequence, seeded by S, where 2% of the keys share a direction
+    with every query, so they draw most of the attention (logit ~8 above the rest) and the
+    selection is sparse, as with a real model."""
     g = torch.Generator(device=DEV).manual_seed(S)
     q, k, v = (torch.randn(1, h, S, D, device=DEV, generator=g) for h in (Hq, Hkv, Hkv))
-    # structure: 2% of the keys share a direction with every query, so they draw most of the
-    # attention (logit ~8 above the rest) and the selection is sparse, as with a real model
     u = torch.randn(D, device=DEV, generator=g)
     u = 8 * u / u.norm()
     hot = torch.randperm(S, device=DEV, generator=g)[: S // 50]
     q += u
     k[:, :, hot] += u
-    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    return tuple(t.to(torch.bfloat16) for t in (q, k, v))
+
+
+def profile_shape(Hq, Hkv, D, S):
+    q, k, v = structured_inputs(Hq, Hkv, D, S)
     scale = D**-0.5
     graphs.clear()
     replay_ms = time_ms(lambda: sample_attention(q, k, v, scale=scale, dense_below=0, graphs=True, **KW))

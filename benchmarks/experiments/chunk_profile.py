@@ -12,11 +12,9 @@ counts) and the largest kernels.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import defaultdict
-
-import torch
-from torch.profiler import ProfilerActivity, profile
 
 from sacli.bench import environment, time_ms
 from sacli.kernels import backend as kb
@@ -24,30 +22,15 @@ from sacli.kernels import graphs, sample_attention
 from sacli.kernels.api import _chunked_selection
 from sacli.kernels.selection import fraction_to_tokens, sample_rows
 
-DEV = torch.device("cuda")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from profile_pipeline import kernel_times, structured_inputs  # noqa: E402
+
 KW = dict(alpha=0.96, window=0.05, sample_ratio=0.02)
-
-
-def kernel_times(fn):
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [(e.name, e.time_range.elapsed_us() / 1e3) for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def main(path: str, S: int, chunk: int) -> None:
     Hq, Hkv, D = 9, 3, 64
-    g = torch.Generator(device=DEV).manual_seed(S)
-    q, k, v = (torch.randn(1, h, S, D, device=DEV, generator=g) for h in (Hq, Hkv, Hkv))
-    u = torch.randn(D, device=DEV, generator=g)
-    u = 8 * u / u.norm()
-    hot = torch.randperm(S, device=DEV, generator=g)[: S // 50]
-    q += u
-    k[:, :, hot] += u
-    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    q, k, v = structured_inputs(Hq, Hkv, D, S)
     scale = D**-0.5
     w = fraction_to_tokens(KW["window"], S)
     report = {"env": environment(sys.argv), "settings": KW, "S": S, "chunk": chunk, "runs": {}}

@@ -31,6 +31,7 @@ import torch
 from sacli import evaluate as ev
 from sacli.config import load_settings
 from sacli.kernels import Selection, column_scores, fraction_to_tokens, sample_rows, select_columns
+from sacli.kernels.rules import DEFAULT_SEGMENTS, _smooth_segments, segment_windows
 
 
 def chunk_rows(S: int, chunk: int, sample_ratio: float) -> list[torch.Tensor]:
@@ -60,13 +61,7 @@ def select_chunked(q, k, scale: float, *, alpha: float, window: float, sample_ra
     wm = torch.stack(masses, 2)  # (B, H, N, 1)
     N = sc.shape[2]
     if halo > 0 and N > 1:
-        y = sc.clone()
-        y[:, :, 1:] += halo * sc[:, :, :-1]
-        y[:, :, :-1] += halo * sc[:, :, 1:]
-        norm = torch.full((N,), 1 + 2 * halo, device=sc.device)
-        norm[0] -= halo
-        norm[-1] -= halo
-        sc = y / norm.view(1, 1, N, 1)
+        sc = _smooth_segments(sc.reshape(B * H, N, S), halo).view(B, H, N, S)
         # a chunk's columns must be visible to its own rows outside the band
         j = torch.arange(S, device=sc.device)
         last = torch.tensor([min(S, (c + 1) * chunk) - 1 for c in range(N)], device=sc.device)
@@ -84,16 +79,6 @@ def select_global(q, k, scale: float, *, alpha: float, window: float, sample_rat
     rows = sample_rows(S, sample_ratio, device=q.device)
     sc, wm = column_scores(q, k, rows, w, scale)
     return select_columns(sc, wm, alpha, w, S, trim=True)
-
-
-def candidate_windows(window: float, S: int) -> list[int]:
-    """Powers of two from 16 tokens up to 4 x window x S (as the segments rule's)."""
-    top = min(S, 4 * fraction_to_tokens(window, S))
-    out, w = [16], 16
-    while w * 2 <= top:
-        w *= 2
-        out.append(w)
-    return out
 
 
 def pick_per_head(sels: list[Selection]) -> Selection:
@@ -122,7 +107,7 @@ def select_window_per_head(q, k, scale: float, *, alpha: float, window: float, s
                            chunk: int = 0) -> Selection:
     S = q.shape[2]
     sels = []
-    for w in candidate_windows(window, S):
+    for w in segment_windows(window, S, DEFAULT_SEGMENTS):  # powers of two, 16 .. 4 x window x S
         if chunk:
             sels.append(select_chunked(q, k, scale, alpha=alpha, window=w / S, sample_ratio=sample_ratio,
                                        chunk=chunk, halo=0.0))
